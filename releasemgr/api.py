@@ -1,0 +1,130 @@
+"""The API's edges shared by every app: the error envelope, errors, JSON parsing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.parsers import JSONParser
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A refusal with an error code, an HTTP status and details, rendered in the envelope."""
+
+    code = "error"
+    status_code = status.HTTP_400_BAD_REQUEST
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.details = details if details is not None else {}
+
+
+class ValidationFailed(ApiError):
+    code = "validation_error"
+    status_code = 400
+
+
+class NotFound(ApiError):
+    code = "not_found"
+    status_code = 404
+
+
+class Forbidden(ApiError):
+    code = "forbidden"
+    status_code = 403
+
+
+class Conflict(ApiError):
+    code = "conflict"
+    status_code = 409
+
+
+class PayloadTooLarge(ApiError):
+    code = "payload_too_large"
+    status_code = 413
+
+
+class UnsafeMigration(ApiError):
+    code = "unsafe_migration"
+    status_code = 422
+
+
+def success(data: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response({"success": True, "data": data}, status=status_code, headers=headers)
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"success": False, "error": {"code": code, "message": message, "details": details or {}}}
+
+
+_DRF_CODES = {
+    exceptions.NotAuthenticated: ("unauthorized", 401),
+    exceptions.AuthenticationFailed: ("unauthorized", 401),
+    exceptions.PermissionDenied: ("forbidden", 403),
+    exceptions.NotFound: ("not_found", 404),
+    exceptions.MethodNotAllowed: ("method_not_allowed", 405),
+    exceptions.NotAcceptable: ("not_acceptable", 406),
+    exceptions.UnsupportedMediaType: ("unsupported_media_type", 415),
+    exceptions.Throttled: ("rate_limited", 429),
+    exceptions.ParseError: ("validation_error", 400),
+    exceptions.ValidationError: ("validation_error", 400),
+}
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """Render every refusal in the envelope; unexpected errors become a 500 without a traceback."""
+    if isinstance(exc, ApiError):
+        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+    if isinstance(exc, Http404):
+        return Response(error_body("not_found", "Not found."), status=404)
+    if isinstance(exc, PermissionDenied):
+        return Response(error_body("forbidden", "You do not have permission to do this."), status=403)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(error_body("payload_too_large", "The request body is too large."), status=413)
+    for exc_class, (code, status_code) in _DRF_CODES.items():
+        if isinstance(exc, exc_class):
+            headers = {}
+            if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+                headers["Retry-After"] = str(int(exc.wait) + 1)
+            if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+                headers["WWW-Authenticate"] = 'Bearer realm="api"'
+            detail = exc.detail if isinstance(exc, exceptions.ValidationError) else {}
+            message = _message(exc)
+            return Response(error_body(code, message, detail), status=status_code, headers=headers)
+    if isinstance(exc, exceptions.APIException):
+        return Response(error_body("error", _message(exc)), status=exc.status_code)
+    logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
+    return Response(error_body("internal_error", "An internal error occurred."), status=500)
+
+
+def _message(exc: exceptions.APIException) -> str:
+    detail = exc.detail
+    if isinstance(detail, str):
+        return str(detail)
+    if isinstance(exc, exceptions.ValidationError):
+        return "The request is not valid."
+    return str(exc.default_detail)
+
+
+class AnyContentJSONParser(JSONParser):
+    """Parse the body as JSON whatever Content-Type says: the guide's curl examples send none."""
+
+    media_type = "*/*"

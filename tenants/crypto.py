@@ -1,0 +1,58 @@
+"""Encryption at rest for target database URLs (cryptography's MultiFernet)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from django.conf import settings
+
+
+@lru_cache(maxsize=4)
+def _fernet(keys: tuple[str, ...]) -> MultiFernet:
+    return MultiFernet([Fernet(key.encode()) for key in keys])
+
+
+def fernet() -> MultiFernet:
+    return _fernet(tuple(settings.FIELD_ENCRYPTION_KEYS))
+
+
+def encrypt(plaintext: str) -> str:
+    return fernet().encrypt(plaintext.encode()).decode()
+
+
+def decrypt(ciphertext: str) -> str:
+    try:
+        return fernet().decrypt(ciphertext.encode()).decode()
+    except InvalidToken as exc:  # pragma: no cover - a wrong key is an operator error
+        raise ValueError("cannot decrypt: none of FIELD_ENCRYPTION_KEYS fits") from exc
+
+
+def rotate(ciphertext: str) -> str:
+    """Re-encrypt with the first key (MultiFernet.rotate)."""
+    return fernet().rotate(ciphertext.encode()).decode()
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/\s]*@)?(?P<host>[^/\s:?]*)")
+
+
+def mask_url(url: str) -> str:
+    """A database URL with user, password and host replaced: safe to show and log."""
+    if not url:
+        return ""
+    if url.startswith("sqlite:"):
+        return "sqlite:///***" + (url.rsplit("/", 1)[-1][-24:] if "/" in url else "")
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@***", url, count=1)
+
+
+def scrub(message: str, secrets: list[str] | None = None) -> str:
+    """Remove URLs, hosts and user names from an error message before it is stored or shown."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***", message)
+    for secret in secrets or []:
+        if secret:
+            text = text.replace(secret, "***")
+    text = re.sub(r'(host|user|password|dbname)(\s*=\s*|\s+")[^"\s]+', r"\1\2***", text, flags=re.I)
+    text = re.sub(r'(for user|role|database) "[^"]+"', r'\1 "***"', text)
+    text = re.sub(r'(server at|to server at) "[^"]+"', r'\1 "***"', text)
+    return text
