@@ -50,8 +50,13 @@ def pg_database_factory() -> Iterator:
 
     def make() -> str:
         name = f"rm_test_{uuid.uuid4().hex[:12]}"
-        with pg_admin_connection() as admin, admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
+        # Not `with connection:` (psycopg2 2.9 opens a transaction there even in autocommit).
+        admin = pg_admin_connection()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            admin.close()
         created.append(name)
         return f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
 
