@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -124,7 +125,35 @@ def _message(exc: exceptions.APIException) -> str:
     return str(exc.default_detail)
 
 
-class AnyContentJSONParser(JSONParser):
+class LimitedJSONParser(JSONParser):
+    """JSON with a size limit (RELEASE_MAX_BODY_BYTES): a larger body is a 413, never parsed."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        from django.conf import settings
+
+        limit = settings.RELEASE_MAX_BODY_BYTES
+        request = (parser_context or {}).get("request")
+        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
+        if declared and str(declared).isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.", details={"limit": limit})
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.", details={"limit": limit})
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(
+                raw.decode((parser_context or {}).get("encoding") or "utf-8"), parse_constant=_reject_constant
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise exceptions.ParseError(f"The body is not valid JSON: {exc}")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class AnyContentJSONParser(LimitedJSONParser):
     """Parse the body as JSON whatever Content-Type says: the guide's curl examples send none."""
 
     media_type = "*/*"

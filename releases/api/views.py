@@ -1,0 +1,193 @@
+"""The releases API: thin views that validate input, call one service and render the manifest."""
+
+from __future__ import annotations
+
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from releasemgr.api import ValidationFailed, success
+from tenants.auth import IsTenantAdmin, IsTenantApprover, IsTenantMember
+from tenants.selectors import environment_list, flags_of
+
+from .. import engine, selectors, services
+from ..models import ApprovalDecision, ReleaseStatus
+from .serializers import DecisionInput, PrepareInput, ReleaseRefInput, release_manifest, release_summary
+
+
+def _validated(serializer_class, request: Request) -> dict:
+    if not isinstance(request.data, dict):
+        raise ValidationFailed("The body must be a JSON object.", details={"body": "Expected a JSON object."})
+    serializer = serializer_class(data=request.data)
+    if not serializer.is_valid():
+        raise ValidationFailed("The request is not valid.", details=serializer.errors)
+    return serializer.validated_data
+
+
+class ReleaseAPIView(APIView):
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "releases"
+    permission_classes = [IsTenantAdmin]
+
+
+class PrepareView(ReleaseAPIView):
+    """Plan, lint and dry-run a bundle against to_env; 201 with the manifest."""
+
+    def post(self, request: Request) -> Response:
+        data = _validated(PrepareInput, request)
+        release = services.release_prepare(
+            tenant=request.tenant,
+            user=request.user,
+            from_env=data["from_env"],
+            to_env=data["to_env"],
+            bundle_data=request.data.get("bundle_data"),
+            allow_unsafe=data.get("allow_unsafe"),
+            reason=data.get("reason", ""),
+        )
+        release = selectors.release_get(tenant=request.tenant, release_id=release.release_id)
+        return success(release_manifest(release), status_code=201)
+
+
+def _in_flight_response(release, final_statuses) -> Response:
+    release = selectors.release_get(tenant=release.tenant, release_id=release.release_id)
+    manifest = release_manifest(release)
+    return success(manifest, status_code=202 if release.status in final_statuses else 200)
+
+
+class PromoteView(ReleaseAPIView):
+    """Promote a prepared release: 200 with the final manifest, or 202 while a worker runs it."""
+
+    def post(self, request: Request) -> Response:
+        data = _validated(ReleaseRefInput, request)
+        release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
+        release = services.release_promote(
+            release=release, user=request.user, wait_seconds=_wait_seconds(data)
+        )
+        return _in_flight_response(release, [ReleaseStatus.PROMOTING])
+
+
+class RollbackView(ReleaseAPIView):
+    """Roll back the latest live release of an environment, or settle a failed one."""
+
+    def post(self, request: Request) -> Response:
+        data = _validated(ReleaseRefInput, request)
+        release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
+        release = services.release_rollback(
+            release=release, user=request.user, wait_seconds=_wait_seconds(data)
+        )
+        response = _in_flight_response(release, [ReleaseStatus.ROLLING_BACK])
+        response.data["data"]["rolled_back"] = response.data["data"]["status"] == ReleaseStatus.ROLLED_BACK
+        return response
+
+
+def _wait_seconds(data: dict) -> float | None:
+    if "wait_seconds" in data:
+        return data["wait_seconds"]
+    return None
+
+
+class ReleasePagination(PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+    def get_paginated_response(self, data):
+        return success(
+            {
+                "count": self.page.paginator.count,
+                "next": self.get_next_link(),
+                "previous": self.get_previous_link(),
+                "results": data,
+            }
+        )
+
+
+class ReleaseListView(APIView):
+    """Releases of the tenant, newest first, filtered by status and to_env."""
+
+    permission_classes = [IsTenantMember]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "releases"
+
+    def get(self, request: Request) -> Response:
+        releases = selectors.release_list(
+            tenant=request.tenant,
+            status=request.query_params.get("status"),
+            to_env=request.query_params.get("to_env"),
+        )
+        paginator = ReleasePagination()
+        page = paginator.paginate_queryset(releases, request, view=self)
+        return paginator.get_paginated_response([release_summary(release) for release in page])
+
+
+class ReleaseDetailView(APIView):
+    """The manifest of one release."""
+
+    permission_classes = [IsTenantMember]
+
+    def get(self, request: Request, release_id: str) -> Response:
+        release = selectors.release_get(tenant=request.tenant, release_id=release_id)
+        return success(release_manifest(release))
+
+
+class _DecisionView(APIView):
+    permission_classes = [IsTenantApprover]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "releases"
+    decision = ApprovalDecision.APPROVED
+
+    def post(self, request: Request, release_id: str) -> Response:
+        data = _validated(DecisionInput, request)
+        release = selectors.release_get(tenant=request.tenant, release_id=release_id)
+        services.approval_record(
+            release=release,
+            user=request.user,
+            decision=self.decision,
+            via="api",
+            comment=data.get("comment", ""),
+        )
+        release = selectors.release_get(tenant=request.tenant, release_id=release_id)
+        return success(release_manifest(release))
+
+
+class ApproveView(_DecisionView):
+    """Approve a prepared release (approver or admin role)."""
+
+    decision = ApprovalDecision.APPROVED
+
+
+class RejectView(_DecisionView):
+    """Reject a prepared release; a rejection blocks its promotion."""
+
+    decision = ApprovalDecision.REJECTED
+
+
+class EnvironmentListView(APIView):
+    """Each environment: live release, schema fingerprint, flags and policy (never its database URL)."""
+
+    permission_classes = [IsTenantMember]
+
+    def get(self, request: Request) -> Response:
+        results = []
+        for environment in environment_list(tenant=request.tenant):
+            live = selectors.live_release(environment=environment)
+            entry = {
+                "name": environment.stage,
+                "live_release": live.release_id if live else None,
+                "schema_fingerprint": None,
+                "feature_flags": flags_of(environment),
+                "approvals_required": environment.approvals_required,
+                "allow_self_approval": environment.allow_self_approval,
+                "busy": bool(environment.lock_owner),
+            }
+            try:
+                with engine.open_target(environment.database_url) as target:
+                    entry["schema_fingerprint"] = engine.fingerprint(engine.introspect(target))
+                    entry["reachable"] = True
+            except engine.TargetError as exc:
+                entry["reachable"] = False
+                entry["error"] = str(exc)
+            results.append(entry)
+        return success(results)

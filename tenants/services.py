@@ -1,0 +1,101 @@
+"""Writes of tenants, environments, memberships and API tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from .models import ApiToken, Environment, FeatureFlag, Membership, Role, Stage, Tenant
+
+
+@transaction.atomic
+def tenant_setup(
+    *,
+    slug: str,
+    name: str = "",
+    environments: dict[str, str],
+    admins: list[str] = (),
+    approvers: list[str] = (),
+    flags: dict[str, dict] | None = None,
+) -> Tenant:
+    """Create or update a tenant, its environments (URL per stage), members and initial flags."""
+    tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": name or slug})
+    for stage, url in environments.items():
+        environment_set(tenant=tenant, stage=stage, database_url=url, flags=(flags or {}).get(stage))
+    for username in admins:
+        membership_set(tenant=tenant, user=user_ensure(username=username), role=Role.ADMIN)
+    for username in approvers:
+        membership_set(tenant=tenant, user=user_ensure(username=username), role=Role.APPROVER)
+    return tenant
+
+
+def environment_set(
+    *, tenant: Tenant, stage: str, database_url: str, flags: dict | None = None
+) -> Environment:
+    environment = Environment.objects.filter(tenant=tenant, stage=stage).first()
+    if environment is None:
+        environment = Environment(
+            tenant=tenant,
+            stage=stage,
+            approvals_required=Environment.DEFAULT_APPROVALS[stage],
+            allow_self_approval=stage != Stage.PROD,
+        )
+        environment.database_url = database_url
+        environment.save()
+        initial = dict(settings.FEATURE_FLAGS)
+        initial.update(flags or {})
+        for flag_name, value in initial.items():
+            FeatureFlag.objects.create(environment=environment, name=flag_name, value=value)
+        return environment
+    if environment.database_url != database_url:
+        environment.database_url = database_url
+        environment.save(update_fields=["database_url_encrypted"])
+    for flag_name, value in (flags or {}).items():
+        FeatureFlag.objects.update_or_create(
+            environment=environment, name=flag_name, defaults={"value": value}
+        )
+    return environment
+
+
+def user_ensure(*, username: str, password: str | None = None, is_staff: bool = True) -> AbstractBaseUser:
+    """The user of that name, created (staff, so the admin is open to them) when missing."""
+    user_model = get_user_model()
+    user = user_model.objects.filter(username=username).first()
+    if user is None:
+        user = user_model(username=username, is_staff=is_staff)
+        if password:
+            user.set_password(password)
+        else:
+            user.set_unusable_password()
+        user.save()
+    return user
+
+
+def membership_set(*, tenant: Tenant, user: AbstractBaseUser, role: str) -> Membership:
+    membership, _ = Membership.objects.update_or_create(tenant=tenant, user=user, defaults={"role": role})
+    return membership
+
+
+def token_issue(
+    *, tenant: Tenant, user: AbstractBaseUser, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiToken, str]:
+    """A new API token; the raw value is returned once and only its hash is stored."""
+    raw = ApiToken.generate()
+    token = ApiToken.objects.create(
+        tenant=tenant,
+        user=user,
+        name=name,
+        prefix=raw[: ApiToken.PREFIX_LENGTH + 3],
+        token_hash=ApiToken.hash(raw),
+        expires_at=expires_at,
+    )
+    return token, raw
+
+
+def token_revoke(*, token: ApiToken) -> None:
+    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
