@@ -25,12 +25,16 @@ class ToolTranscript(models.Model):
     ok = models.BooleanField(default=False)
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
+    error_code = models.CharField(
+        max_length=40, blank=True, default="", help_text="validation_error, forbidden, tool_error, ..."
+    )
     dry_run = models.BooleanField(default=True)
     duration_ms = models.FloatField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["transcript_id"]
+        indexes = [models.Index(fields=["release", "transcript_id"], name="transcript_release")]
 
     def __str__(self) -> str:
         return f"{self.transcript_id} {self.tool}"
