@@ -39,7 +39,7 @@ ALL_TYPES = table(
     ("created", col("datetime", default={"function": "now"}, nullable=False)),
     ("at", col("time", default="12:30:00")),
     ("price", col("decimal", precision=12, scale=2, default="1.10")),
-    ("ratio", col("float", default=0.5)),
+    ("ratio", col("float", default="0.5")),  # no floats in bundles: numbers as strings
     ("token", col("uuid", default={"function": "uuid"}, unique=True)),
     ("meta", col("json", default={"a": [1, 2]})),
     ("blob", col("binary", default="AAEC")),
@@ -144,6 +144,13 @@ def test_diff_schemas__hand_written_schemas__expected_changes_in_order():
     assert modifies["plan"] == {"name": "plan", "type": "string", "default": "free", "max_length": 20}
 
 
+def test_diff_schemas__computed_changes__already_a_normalized_bundle():
+    from releases.engine.bundle import normalize_bundle
+
+    bundle = {"database": {"changes": diff_schemas(SOURCE, TARGET)}, "feature_flags": {}}
+    assert normalize_bundle(bundle) == bundle
+
+
 def test_diff_schemas__create_table__every_column_normalized_in_column_order():
     change = diff_schemas({"tables": {"all_types": ALL_TYPES}}, {"tables": {}})[0]
     assert [c["name"] for c in change["columns"]] == ALL_TYPES["column_order"]
@@ -216,6 +223,10 @@ RAW_DEFAULT = col("text", default={"raw": "upper('x')"})
         ({"t": table(ID, ("v", RAW_DEFAULT))}, {"t": table(ID)}, "t.v"),
         ({"t": table(ID, ("v", col("text")))}, {"t": table(ID, ("v", RAW_DEFAULT))}, "t.v"),
         ({"t": table(("a", col("text")))}, {}, "t"),
+        ({"t": table(ID, ("s", col("string")))}, {"t": table(ID)}, "t.s"),
+        ({"t": table(ID, ("s", col("text")))}, {"t": table(ID, ("s", col("string")))}, "t.s"),
+        ({"t": table(ID, ("d", col("decimal")))}, {"t": table(ID)}, "t.d"),
+        ({"t": table(("day", col("date", nullable=False, primary_key=True)))}, {}, "t.day"),
         ({"t": table(("k", col("uuid", nullable=False, primary_key=True)))}, {"t": table(ID)}, "t.k"),
     ],
 )

@@ -27,6 +27,7 @@ VOCABULARY_TYPES = frozenset(
         "binary",
     }
 )
+PRIMARY_KEY_TYPES = ("integer", "bigint", "smallint", "string", "uuid")
 # Attribute order of a normalized column (after "name"), and of modify_column's listed attributes.
 COLUMN_ATTRIBUTES = (
     "type",
@@ -50,7 +51,7 @@ _COLUMN_DEFAULTS: dict[str, Any] = {
 _IGNORED_PREFIXES = ("_rm_", "sqlite_")
 
 
-class DiffError(Exception):
+class DiffError(ValueError):
     """A difference that cannot be expressed as normalized changes; `column` names the culprit."""
 
     def __init__(self, message: str, *, column: str = "") -> None:
@@ -87,6 +88,24 @@ def _check_expressible(table: str, name: str, column: dict[str, Any], why: str) 
         raise DiffError(
             f"Column {qualified} has type {kind!r}, which releasemgr cannot express, so it cannot {why}; "
             "change it by hand or give it one of the supported types.",
+            column=qualified,
+        )
+    if kind == "string" and column.get("max_length") is None:
+        raise DiffError(
+            f"Column {qualified} is a string without a maximum length, which a bundle cannot express, so it "
+            f"cannot {why}; use text or give it a max_length.",
+            column=qualified,
+        )
+    if kind == "decimal" and column.get("precision") is None:
+        raise DiffError(
+            f"Column {qualified} is a decimal without a precision, which a bundle cannot express, so it cannot "
+            f"{why}.",
+            column=qualified,
+        )
+    if column.get("primary_key") and kind not in PRIMARY_KEY_TYPES:
+        raise DiffError(
+            f"Column {qualified} is a {kind} primary key; primary keys must be one of "
+            f"{', '.join(PRIMARY_KEY_TYPES)}, so it cannot {why}.",
             column=qualified,
         )
     default = column.get("default")
