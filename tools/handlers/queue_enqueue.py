@@ -9,6 +9,8 @@ chosen up front so the call can return it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,9 +116,17 @@ class QueueEnqueueArgs(serializers.Serializer):
 
 
 def resolve_task(job: Job) -> Any:
-    """The Celery task of `job`, looked up by name in the app's registry (autodiscovered modules)."""
+    """The Celery task of `job`, looked up by name in the app's registry.
+
+    Celery imports autodiscovered task modules only when a worker starts, so in a web process
+    the job's module (from our own registry, never from the caller) is imported on first use.
+    """
     from releasemgr.celery import app
 
+    if job.task not in app.tasks:
+        module_name = job.task.rpartition(".")[0]
+        with contextlib.suppress(ImportError):  # reported below as the task not being registered
+            importlib.import_module(module_name)
     try:
         return app.tasks[job.task]
     except KeyError:
