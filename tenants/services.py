@@ -99,3 +99,18 @@ def token_issue(
 
 def token_revoke(*, token: ApiToken) -> None:
     ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+@transaction.atomic
+def encryption_keys_rotate() -> int:
+    """Re-encrypt every environment's target URL with the first of FIELD_ENCRYPTION_KEYS; returns the count."""
+    from . import crypto
+
+    rotated = 0
+    for environment in Environment.objects.select_for_update().order_by("pk"):
+        if not environment.database_url_encrypted:
+            continue
+        environment.database_url_encrypted = crypto.rotate(environment.database_url_encrypted)
+        environment.save(update_fields=["database_url_encrypted"])
+        rotated += 1
+    return rotated

@@ -1,0 +1,74 @@
+# releasemgr: `make run` and `make test` are the whole set-up on a fresh machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.requirements.stamp
+PORT   ?= 8000
+# The second test pass runs with PostgreSQL as the control database (pytest-django creates test_<name>).
+PG_CONTROL_URL ?= postgres://postgres@127.0.0.1:5432/releasemgr_ci_control
+# Tests that exercise the control database, run again with PostgreSQL holding it.
+PG_CONTROL_MARK ?= not browser and not slow
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-sqlite test-pg-control lint worker bench \
+        release-prepare release-promote release-rollback
+
+help:
+	@echo "make install | run [PORT=8000] | test | lint | worker | bench"
+	@echo "make release-prepare TENANT=primary [FROM=dev TO=staging BUNDLE=file.json]"
+	@echo "make release-promote TENANT=primary [RELEASE=rel_...]"
+	@echo "make release-rollback TENANT=primary RELEASE=rel_..."
+
+# Reinstall only when requirements.txt changed since the last install.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py bootstrap_demo
+	$(PY) manage.py runserver 127.0.0.1:$(PORT)
+
+# Pass 1: the whole suite with the SQLite control database (SQLite and PostgreSQL targets).
+# Pass 2: the control-database-sensitive tests with PostgreSQL as the control database.
+# Any pytest failure fails the target, exit code 5 ("no tests collected") included.
+test: install
+	$(MAKE) --no-print-directory test-sqlite
+	$(MAKE) --no-print-directory test-pg-control
+
+test-sqlite: install
+	env -u DATABASE_URL $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-pg-control: install
+	DATABASE_URL=$(PG_CONTROL_URL) $(PY) -m pytest -q -m "$(PG_CONTROL_MARK)" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+worker: install
+	$(PY) -m celery -A releasemgr worker -B -l info
+
+bench: install
+	@if [ -d benchmarks ]; then $(PY) -m benchmarks.run; \
+	else echo "make bench: no benchmarks/ package yet (see README, Benchmarks); nothing to run"; fi
+
+release-prepare: install
+	@test -n "$(TENANT)" || { echo "usage: make release-prepare TENANT=slug [FROM=dev TO=staging BUNDLE=file.json]"; exit 2; }
+	$(PY) manage.py release_prepare --tenant "$(TENANT)" $(if $(FROM),--from "$(FROM)") \
+		$(if $(TO),--to "$(TO)") $(if $(BUNDLE),--bundle "$(BUNDLE)")
+
+release-promote: install
+	@test -n "$(TENANT)" || { echo "usage: make release-promote TENANT=slug [RELEASE=rel_...]"; exit 2; }
+	$(PY) manage.py release_promote --tenant "$(TENANT)" $(if $(RELEASE),--release "$(RELEASE)")
+
+release-rollback: install
+	@test -n "$(TENANT)" -a -n "$(RELEASE)" || { echo "usage: make release-rollback TENANT=slug RELEASE=rel_..."; exit 2; }
+	$(PY) manage.py release_rollback --tenant "$(TENANT)" --release "$(RELEASE)"
