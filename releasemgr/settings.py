@@ -7,6 +7,7 @@ control database under var/, Celery tasks run in-process, e-mail printed to the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import environ
@@ -18,6 +19,13 @@ VAR_DIR = BASE_DIR / "var"
 env = environ.Env()
 if (BASE_DIR / ".env").exists():
     env.read_env(str(BASE_DIR / ".env"))
+
+# prometheus-client picks its multiprocess mode when first imported: the directory shared by
+# web processes and Celery workers must be in the environment before that (releasemgr/celery.py
+# loads these settings first for workers).
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "prometheus"))
+Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
 
 # The guide's FLASK_ENV is accepted as an alias of RELEASEMGR_ENV.
 RELEASEMGR_ENV = env.str("RELEASEMGR_ENV", default=env.str("FLASK_ENV", default="development"))

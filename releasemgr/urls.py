@@ -1,10 +1,13 @@
 """URL routes."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
+
+from .metrics_view import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("api/tools/", include("tools.urls")),
     path("api/", include("releases.api.urls")),
 ]

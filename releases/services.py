@@ -237,10 +237,12 @@ def release_prepare(
     labels = {"tenant": tenant.slug, "environment": to_environment.stage}
     metrics.observe("prepare", time.monotonic() - started, **labels)
     if release.status == ReleaseStatus.FAILED:
-        metrics.count("failed", **labels)
+        logger.warning(
+            "release %s failed its dry-run", release.release_id, extra=_log_extra(release, phase="prepare")
+        )
         _notify(release, "failed")
     else:
-        metrics.count("prepared", **labels)
+        logger.info("release %s prepared", release.release_id, extra=_log_extra(release, phase="prepare"))
         _notify(release, "prepared")
     return release
 
@@ -726,7 +728,7 @@ def _settle_promoted(
                 "flags": flag_changes,
             },
         )
-    metrics.count("promoted", **_labels(release))
+    logger.info("release %s promoted", release.release_id, extra=_log_extra(release, phase="promote"))
     _notify(release, "promoted")
     _enqueue_post_deployment(release)
 
@@ -752,7 +754,9 @@ def _settle_failed(release: Release, *, code: str, message: str, actor: Abstract
             actor=actor,
             payload={"phase": "promote", "code": code, "error": message},
         )
-    metrics.count("failed", **_labels(release))
+    logger.warning(
+        "release %s failed: %s", release.release_id, code, extra=_log_extra(release, phase="promote")
+    )
     _notify(release, "failed")
 
 
@@ -774,6 +778,17 @@ def _preservations_record(release: Release, preservations: list[dict], *, direct
 
 def _labels(release: Release) -> dict[str, str]:
     return {"tenant": release.tenant.slug, "environment": release.to_environment.stage}
+
+
+def _log_extra(release: Release, **fields: Any) -> dict[str, Any]:
+    """The fields a release's log lines carry (see releasemgr.logging.JsonFormatter)."""
+    return {
+        "release_id": release.release_id,
+        "tenant": release.tenant.slug,
+        "environment": release.to_environment.stage,
+        "status": release.status,
+        **fields,
+    }
 
 
 # --- rollback ----------------------------------------------------------------------------------
@@ -894,7 +909,7 @@ def _settle_rolled_back(
             actor=actor,
             payload={"bundle_sha256": release.bundle_sha256, "flags": flags},
         )
-    metrics.count("rolled_back", **_labels(release))
+    logger.info("release %s rolled back", release.release_id, extra=_log_extra(release, phase="rollback"))
     _notify(release, "rolled_back")
     return flags
 
@@ -919,6 +934,13 @@ def _settle_rollback_refused(
                 actor=actor,
                 payload={"ok": False, "code": code, "error": message},
             )
+    if moved:
+        logger.warning(
+            "rollback of release %s refused: %s",
+            release.release_id,
+            code,
+            extra=_log_extra(release, phase="rollback", status=ReleaseStatus.PROMOTED),
+        )
 
 
 def _rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
