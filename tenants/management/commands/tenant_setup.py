@@ -17,12 +17,12 @@ from tenants.models import Environment, Stage, Tenant
 from tenants.services import tenant_setup
 
 
-def _pairs(values: list[str], option: str) -> list[tuple[str, str]]:
+def _pairs(values: list[str], option: str, shape: str) -> list[tuple[str, str]]:
     pairs = []
     for value in values or []:
         key, separator, rest = value.partition("=")
         if not separator or not key or not rest:
-            raise bad_arguments(f"{option} expects NAME=VALUE, got {value.split('=', 1)[0]!r}=...")
+            raise bad_arguments(f"{option} expects {shape}, got {value.split('=', 1)[0][:40]!r}=...")
         pairs.append((key.strip(), rest.strip()))
     return pairs
 
@@ -78,7 +78,7 @@ class Command(ServiceCommand):
             raise bad_arguments("The tenant slug is longer than 63 characters.")
 
         environments: dict[str, str] = {}
-        for stage, url in _pairs(options["env"], "--env"):
+        for stage, url in _pairs(options["env"], "--env", "STAGE=URL"):
             stage = _stage(stage, "--env")
             if stage in environments:
                 raise bad_arguments(f"--env: {stage} is given twice.")
@@ -89,7 +89,7 @@ class Command(ServiceCommand):
             environments[stage] = url
 
         flags: dict[str, dict] = {}
-        for stage, raw in _pairs(options["flags"], "--flags"):
+        for stage, raw in _pairs(options["flags"], "--flags", "STAGE={JSON}"):
             stage = _stage(stage, "--flags")
             try:
                 value = json.loads(raw)
@@ -105,7 +105,7 @@ class Command(ServiceCommand):
             flags.setdefault(stage, {}).update(value)
 
         emails: dict[str, str] = {}
-        for username, address in _pairs(options["email"], "--email"):
+        for username, address in _pairs(options["email"], "--email", "USER=ADDRESS"):
             try:
                 validate_email(address)
             except ValidationError:

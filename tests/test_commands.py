@@ -1,0 +1,307 @@
+"""The management commands: what an operator and a script see (stdout, stderr, exit codes) and what they change."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from rest_framework.test import APIClient
+
+from releases import engine
+from tenants import crypto
+from tenants.models import ApiToken, Environment, FeatureFlag, Membership, Tenant
+
+CREATE_NEW_FEATURE = {
+    "type": "create_table",
+    "table": "new_feature",
+    "columns": [
+        {"name": "name", "type": "string", "max_length": 100, "nullable": False},
+        {"name": "enabled", "type": "boolean", "nullable": False, "default": False},
+    ],
+}
+
+
+def run(*args, **options) -> tuple[str, str]:
+    """Call a command; returns (stdout, stderr). Refusals raise SystemExit, bad arguments CommandError."""
+    out, err = io.StringIO(), io.StringIO()
+    call_command(*args, stdout=out, stderr=err, **options)
+    return out.getvalue(), err.getvalue()
+
+
+def refused(*args, **options) -> tuple[int, str, str]:
+    """Call a command that must refuse; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit) as exit_info:
+        call_command(*args, stdout=out, stderr=err, **options)
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
+def api(token: str, slug: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG=slug)
+    return client
+
+
+def write_bundle(tmp_path, changes, flags=None, name="bundle.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps({"database": {"changes": changes}, "feature_flags": flags or {}}))
+    return str(path)
+
+
+def tables_of(url: str) -> set[str]:
+    with engine.open_target(url) as target:
+        return set(engine.introspect(target)["tables"])
+
+
+def setup_tenant(factory, slug: str = "acme") -> dict[str, str]:
+    urls = {stage: factory() for stage in ("dev", "staging", "prod")}
+    run(
+        "tenant_setup",
+        slug,
+        *[f"--env={stage}={url}" for stage, url in urls.items()],
+        "--admin=alice",
+        "--approver=bob",
+    )
+    return urls
+
+
+# --- bootstrap_demo ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_bootstrap_demo__run_twice__one_tenant_three_environments_two_users_working_tokens(tmp_path):
+    first_out, _ = run("bootstrap_demo", targets_dir=str(tmp_path))
+    second_out, _ = run("bootstrap_demo", targets_dir=str(tmp_path))
+
+    assert Tenant.objects.filter(slug="primary").count() == 1
+    tenant = Tenant.objects.get(slug="primary")
+    environments = Environment.objects.filter(tenant=tenant)
+    assert sorted(environments.values_list("stage", flat=True)) == ["dev", "prod", "staging"]
+    for environment in environments:
+        assert environment.database_url == f"sqlite:///{tmp_path / f'primary_{environment.stage}.sqlite3'}"
+        assert environment.flags.count() == 2  # the guide's two flags, not duplicated by the second run
+    assert FeatureFlag.objects.get(environment__stage="dev", name="advanced_analytics").value is True
+    assert FeatureFlag.objects.get(environment__stage="prod", name="custom_domains").value is False
+    users = get_user_model().objects.filter(username__in=["admin", "approver"])
+    assert users.count() == 2 and get_user_model().objects.count() == 2
+    admin, approver = users.get(username="admin"), users.get(username="approver")
+    assert admin.is_superuser and admin.is_staff and admin.email
+    assert approver.is_staff and not approver.is_superuser and approver.email
+    assert admin.check_password("admin") and approver.check_password("approver")
+    roles = dict(Membership.objects.filter(tenant=tenant).values_list("user__username", "role"))
+    assert roles == {"admin": "admin", "approver": "approver"}
+
+    first_token = first_out.strip().splitlines()[-1]
+    second_token = second_out.strip().splitlines()[-1]
+    assert first_token != second_token and ApiToken.objects.filter(tenant=tenant).count() == 2
+    assert "admin/" in first_out and "password admin" in first_out
+    for token in (first_token, second_token):
+        response = api(token, "primary").get("/api/releases/")
+        assert response.status_code == 200, response.content
+        assert response.json()["data"]["count"] == 0
+    assert api(first_token, "other").get("/api/releases/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_bootstrap_demo__production_without_passwords__refused_nothing_created(
+    tmp_path, settings, monkeypatch
+):
+    settings.RELEASEMGR_ENV = "production"
+    monkeypatch.delenv("DEMO_ADMIN_PASSWORD", raising=False)
+    monkeypatch.delenv("DEMO_APPROVER_PASSWORD", raising=False)
+
+    code, _, err = refused("bootstrap_demo", targets_dir=str(tmp_path))
+
+    assert code == 1 and "DEMO_ADMIN_PASSWORD" in err and err.startswith("error: misconfigured:")
+    assert not Tenant.objects.exists() and not get_user_model().objects.exists()
+
+
+@pytest.mark.django_db
+def test_bootstrap_demo__production_with_passwords__uses_them_and_never_prints_them(
+    tmp_path, settings, monkeypatch
+):
+    settings.RELEASEMGR_ENV = "production"
+    monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "s3cret-admin-pw")
+    monkeypatch.setenv("DEMO_APPROVER_PASSWORD", "s3cret-approver-pw")
+
+    out, _ = run("bootstrap_demo", targets_dir=str(tmp_path))
+
+    assert "s3cret" not in out and "DEMO_ADMIN_PASSWORD" in out
+    assert get_user_model().objects.get(username="admin").check_password("s3cret-admin-pw")
+    assert get_user_model().objects.get(username="approver").check_password("s3cret-approver-pw")
+
+
+# --- tenant_setup ------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_tenant_setup__new_tenant__creates_users_memberships_environments_and_flags(sqlite_database_factory):
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+
+    out, _ = run(
+        "tenant_setup",
+        "acme",
+        *[f"--env={stage}={url}" for stage, url in urls.items()],
+        "--admin=alice",
+        "--approver=bob",
+        "--approver=carol",
+        "--email=bob=bob@example.com",
+        '--flags=prod={"custom_domains": false, "plan": "enterprise"}',
+        "--json",
+    )
+
+    result = json.loads(out)
+    assert result["users_created"] == ["alice", "bob", "carol"]
+    assert result["members"] == {"alice": "admin", "bob": "approver", "carol": "approver"}
+    assert all("sqlite:///***" in masked for masked in result["environments"].values())
+    tenant = Tenant.objects.get(slug="acme")
+    for stage, url in urls.items():
+        assert Environment.objects.get(tenant=tenant, stage=stage).database_url == url
+    prod = Environment.objects.get(tenant=tenant, stage="prod")
+    assert {f.name: f.value for f in prod.flags.all()} == {"custom_domains": False, "plan": "enterprise"}
+    assert (prod.approvals_required, prod.allow_self_approval) == (1, False)
+    assert get_user_model().objects.get(username="bob").email == "bob@example.com"
+    assert not get_user_model().objects.get(username="alice").has_usable_password()
+    for url in urls.values():
+        assert url not in out
+
+    # Run again: nothing duplicated, a new approver added, an environment URL changed.
+    new_dev = sqlite_database_factory()
+    run("tenant_setup", "acme", f"--env=dev={new_dev}", "--approver=dave")
+    assert Tenant.objects.count() == 1 and Environment.objects.count() == 3
+    assert Membership.objects.filter(tenant=tenant).count() == 4
+    assert Environment.objects.get(tenant=tenant, stage="dev").database_url == new_dev
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--env=dev=mysql://u:p@h/db", "--env=staging=sqlite:////tmp/s", "--env=prod=sqlite:////tmp/p"],
+            "scheme",
+        ),
+        (["--env=qa=sqlite:////tmp/q"], "unknown stage 'qa'"),
+        (["--env=dev"], "STAGE=URL"),
+        (["--env=dev=sqlite:////tmp/d"], "missing: --env staging=URL, --env prod=URL"),
+        (["--env=dev=sqlite:////tmp/d", "--env=dev=sqlite:////tmp/e"], "given twice"),
+        (
+            [
+                "--env=dev=sqlite:////tmp/d",
+                "--env=staging=sqlite:////tmp/s",
+                "--env=prod=sqlite:////tmp/p",
+                "--flags=prod={not json",
+            ],
+            "not valid JSON",
+        ),
+        (
+            [
+                "--env=dev=sqlite:////tmp/d",
+                "--env=staging=sqlite:////tmp/s",
+                "--env=prod=sqlite:////tmp/p",
+                '--flags=prod={"x": 1}',
+            ],
+            "true, false or a plan name",
+        ),
+        (
+            [
+                "--env=dev=sqlite:////tmp/d",
+                "--env=staging=sqlite:////tmp/s",
+                "--env=prod=sqlite:////tmp/p",
+                "--admin=bad name;",
+            ],
+            "Invalid user name",
+        ),
+    ],
+)
+def test_tenant_setup__bad_input__clear_error_exit_2_nothing_saved(arguments, message):
+    with pytest.raises(CommandError) as error:
+        run("tenant_setup", "acme", *arguments)
+
+    assert error.value.returncode == 2 and message in str(error.value)
+    assert not Tenant.objects.exists() and not Environment.objects.exists()
+    assert not get_user_model().objects.exists()
+
+
+@pytest.mark.django_db
+def test_tenant_setup__bad_slug__refused():
+    with pytest.raises(CommandError) as error:
+        run("tenant_setup", "no spaces!", "--env=dev=sqlite:////tmp/d")
+    assert error.value.returncode == 2 and "slug" in str(error.value)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_issue_token__member__last_line_authenticates_and_only_its_hash_is_stored(sqlite_database_factory):
+    setup_tenant(sqlite_database_factory)
+
+    out, _ = run("issue_token", "--tenant=acme", "--user=bob", "--name=ci", "--expires-days=7")
+
+    raw = out.strip().splitlines()[-1]
+    assert raw.startswith("rm_") and " " not in raw
+    token = ApiToken.objects.get()
+    assert token.token_hash == ApiToken.hash(raw) and token.name == "ci" and token.expires_at is not None
+    stored = [str(value) for value in ApiToken.objects.values_list().get()]
+    assert raw not in stored
+    response = api(raw, "acme").get("/api/releases/")
+    assert response.status_code == 200, response.content
+    # bob is an approver: release operations stay admin-only.
+    assert api(raw, "acme").post("/api/releases/prepare", {}, format="json").status_code == 403
+
+    run("revoke_token", f"--prefix={token.prefix}")
+    assert api(raw, "acme").get("/api/releases/").status_code == 401
+
+
+@pytest.mark.django_db
+def test_issue_token__not_a_member_or_unknown__refused_exit_1_no_token(sqlite_database_factory):
+    setup_tenant(sqlite_database_factory)
+    get_user_model().objects.create(username="mallory")
+
+    code, out, err = refused("issue_token", "--tenant=acme", "--user=mallory")
+    assert code == 1 and err.startswith("error: forbidden:") and out == ""
+    code, _, err = refused("issue_token", "--tenant=nope", "--user=alice")
+    assert code == 1 and err.startswith("error: not_found:")
+    code, _, err = refused("revoke_token", "--prefix=rm_doesnotexist")
+    assert code == 1 and err.startswith("error: not_found:")
+    assert not ApiToken.objects.exists()
+
+
+# --- encryption keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_rotate_encryption_keys__new_key_first__old_key_alone_no_longer_decrypts(
+    sqlite_database_factory, settings
+):
+    from cryptography.fernet import Fernet, InvalidToken
+
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.FIELD_ENCRYPTION_KEYS = [old_key]
+    crypto._fernet.cache_clear()
+    urls = setup_tenant(sqlite_database_factory)
+    before = dict(Environment.objects.values_list("stage", "database_url_encrypted"))
+    assert all(Fernet(old_key.encode()).decrypt(value.encode()) for value in before.values())
+
+    settings.FIELD_ENCRYPTION_KEYS = [new_key, old_key]
+    crypto._fernet.cache_clear()
+    out, _ = run("rotate_encryption_keys")
+
+    assert "Re-encrypted 3" in out
+    for environment in Environment.objects.all():
+        assert environment.database_url_encrypted != before[environment.stage]
+        with pytest.raises(InvalidToken):
+            Fernet(old_key.encode()).decrypt(environment.database_url_encrypted.encode())
+        assert (
+            Fernet(new_key.encode()).decrypt(environment.database_url_encrypted.encode()).decode()
+            == urls[environment.stage]
+        )
+    settings.FIELD_ENCRYPTION_KEYS = [new_key]
+    crypto._fernet.cache_clear()
+    assert {e.stage: e.database_url for e in Environment.objects.all()} == urls
+    crypto._fernet.cache_clear()
