@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -74,6 +75,42 @@ class ToolExecuteView(APIView):
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "tools"
 
+    @extend_schema(
+        request=ToolExecuteInput,
+        responses={
+            200: inline_serializer(
+                "ToolExecuteResponse",
+                {
+                    "success": serializers.BooleanField(),
+                    "data": inline_serializer(
+                        "ToolResultOutput",
+                        {
+                            "ok": serializers.BooleanField(),
+                            "data": serializers.JSONField(allow_null=True),
+                            "error": serializers.CharField(allow_null=True),
+                            "transcript_id": serializers.CharField(),
+                        },
+                    ),
+                },
+            )
+        },
+        examples=[
+            OpenApiExample(
+                "db.migrate dry-run",
+                request_only=True,
+                value={
+                    "id": "mig_1",
+                    "tool": "db.migrate",
+                    "environment": "staging",
+                    "args": {
+                        "op": "create_table",
+                        "table": "new_feature",
+                        "columns": [{"name": "name", "type": "string", "max_length": 100}],
+                    },
+                },
+            )
+        ],
+    )
     def post(self, request: Request) -> Response:
         if not isinstance(request.data, dict):
             raise ValidationFailed(

@@ -161,20 +161,18 @@ def _normalize(raw_changes: list[dict[str, Any]], *, single: bool) -> list[dict[
 
 
 def _plan_output(plan: Any, findings: list[dict[str, Any]], vendor: str, stage: str) -> dict[str, Any]:
-    changes = [
-        {
-            "position": item.position,
-            "operation": item.operation,
-            "table": item.table,
-            "change": item.change,
-            "sql": item.sql,
-            "rollback_sql": item.rollback_sql,
-            "statements": item.statements,
-            "rollback_statements": item.rollback_statements,
-            "dry_run_result": item.dry_run_result,
-        }
-        for item in plan.changes
-    ]
+    keys = (
+        "position",
+        "operation",
+        "table",
+        "change",
+        "sql",
+        "rollback_sql",
+        "statements",
+        "rollback_statements",
+        "dry_run_result",
+    )
+    changes = [{key: item[key] for key in keys} for item in plan.changes]
     output: dict[str, Any] = {
         "environment": stage,
         "vendor": vendor,
