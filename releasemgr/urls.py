@@ -10,4 +10,5 @@ urlpatterns = [
     re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("api/tools/", include("tools.urls")),
     path("api/", include("releases.api.urls")),
+    path("approvals/", include("releases.urls")),
 ]

@@ -1,0 +1,181 @@
+"""Signed, expiring, single-use e-mail approval links.
+
+A link is `<SITE_URL>/approvals/<release pk>/<token>/`. The token is `django.core.signing` output
+(a timestamped HMAC under SECRET_KEY and a salt of its own) over the release pk, the approver's pk,
+the release's `bundle_sha256` and a nonce stored in `ApprovalLink`. So a link:
+
+- cannot be forged or altered (bad signature),
+- expires after `APPROVAL_LINK_MAX_AGE` seconds (the signature's timestamp and the row's expiry),
+- names its approver, so no login is needed, yet a different logged-in user is refused,
+- is bound to one release and bundle: shown under another release's URL, or after the bundle
+  changed, it is refused,
+- is used once: the nonce is consumed by a conditional UPDATE, so of two concurrent POSTs only one
+  decides.
+
+Resolving a link decides nothing; only `approval_link_decide` (the confirmation page's POST) does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core import signing
+from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
+
+from tenants.models import Role
+from tenants.selectors import members_with_role
+
+from .models import Approval, ApprovalLink, Release, ReleaseStatus
+
+SALT = "releasemgr.releases.approval-link"
+
+
+class LinkError(Exception):
+    """A link that cannot be used, with the page's HTTP status and a short reason code."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ResolvedLink:
+    """A valid, unused link: whose it is and for which release."""
+
+    link: ApprovalLink
+    release: Release
+    approver: AbstractBaseUser
+    token: str
+
+
+def max_age_seconds() -> int:
+    return int(getattr(settings, "APPROVAL_LINK_MAX_AGE", 24 * 3600))
+
+
+def sign(payload: dict) -> str:
+    """The signed token of a link payload (exposed for tests that build foreign links)."""
+    return signing.dumps(payload, salt=SALT, compress=True)
+
+
+def approval_link_issue(*, release: Release, approver: AbstractBaseUser) -> str:
+    """Store a fresh nonce for (release, approver) and return the signed token carrying it."""
+    nonce = secrets.token_urlsafe(24)
+    now = timezone.now()
+    ApprovalLink.objects.create(
+        release=release,
+        approver=approver,
+        nonce=nonce,
+        bundle_sha256=release.bundle_sha256,
+        created_at=now,
+        expires_at=now + timedelta(seconds=max_age_seconds()),
+    )
+    return sign({"r": release.pk, "u": approver.pk, "b": release.bundle_sha256, "n": nonce})
+
+
+def approval_link_path(*, release_pk: int, token: str) -> str:
+    return reverse("approval-link", kwargs={"release_pk": release_pk, "token": token})
+
+
+def approval_link_url(*, release_pk: int, token: str) -> str:
+    return settings.SITE_URL.rstrip("/") + approval_link_path(release_pk=release_pk, token=token)
+
+
+def approval_link_resolve(
+    *, release_pk: int, token: str, user: AbstractBaseUser | None = None
+) -> ResolvedLink:
+    """Check a link without using it; raises LinkError saying why it cannot be used.
+
+    `user` is the session's user, if any: someone logged in as another user is refused.
+    """
+    try:
+        payload = signing.loads(token, salt=SALT, max_age=max_age_seconds())
+    except signing.SignatureExpired:
+        raise LinkError("expired", "This approval link has expired. Ask for a new one or use the admin.", 410)
+    except signing.BadSignature:
+        raise LinkError("invalid", "This approval link is not valid: it was altered or cut short.", 400)
+    if not isinstance(payload, dict) or not {"r", "u", "b", "n"} <= payload.keys():
+        raise LinkError("invalid", "This approval link is not valid.", 400)
+    if payload["r"] != release_pk:
+        raise LinkError("foreign", "This approval link belongs to another release.", 400)
+    link = (
+        ApprovalLink.objects.select_related("release__tenant", "release__to_environment", "approver")
+        .filter(nonce=str(payload["n"]))
+        .first()
+    )
+    if link is None or link.release_id != payload["r"] or link.approver_id != payload["u"]:
+        raise LinkError("unknown", "This approval link is not known (it may have been withdrawn).", 404)
+    release = link.release
+    if payload["b"] != link.bundle_sha256 or link.bundle_sha256 != release.bundle_sha256:
+        raise LinkError(
+            "foreign",
+            "This approval link was issued for a different bundle than the release has now.",
+            409,
+        )
+    if link.used_at is not None:
+        raise LinkError("used", "This approval link has already been used; each link decides once.", 410)
+    if link.expires_at <= timezone.now():
+        raise LinkError("expired", "This approval link has expired. Ask for a new one or use the admin.", 410)
+    approver = link.approver
+    if not approver.is_active:
+        raise LinkError("inactive", "The account this link was sent to is disabled.", 403)
+    if user is not None and user.is_authenticated and user.pk != approver.pk:
+        raise LinkError(
+            "other_user",
+            "This approval link was sent to another user. Log out, or use your own link.",
+            403,
+        )
+    if release.status != ReleaseStatus.PREPARED:
+        raise LinkError(
+            "closed",
+            f"Release {release.release_id} is {release.status}; it can no longer be approved or rejected.",
+            409,
+        )
+    return ResolvedLink(link=link, release=release, approver=approver, token=token)
+
+
+def approval_link_decide(
+    *,
+    release_pk: int,
+    token: str,
+    decision: str,
+    comment: str = "",
+    user: AbstractBaseUser | None = None,
+) -> Approval:
+    """Use a link: consume its nonce and record the decision, both or neither.
+
+    The conditional UPDATE makes the link single-use even under concurrent POSTs. A refusal by
+    the approval service (role lost, self-approval, release no longer prepared) rolls the
+    consumption back with it, so nothing was decided and nothing was used.
+    """
+    from . import services
+
+    resolved = approval_link_resolve(release_pk=release_pk, token=token, user=user)
+    with transaction.atomic():
+        consumed = ApprovalLink.objects.filter(nonce=resolved.link.nonce, used_at__isnull=True).update(
+            used_at=timezone.now()
+        )
+        if not consumed:
+            raise LinkError("used", "This approval link has already been used; each link decides once.", 410)
+        return services.approval_record(
+            release=resolved.release,
+            user=resolved.approver,
+            decision=decision,
+            via="email",
+            comment=comment,
+        )
+
+
+def approvers_to_ask(release: Release) -> list[AbstractBaseUser]:
+    """Members who may decide on the release: approvers and admins, without the author unless allowed."""
+    users = [membership.user for membership in members_with_role(tenant=release.tenant, role=Role.APPROVER)]
+    if not release.to_environment.allow_self_approval:
+        users = [user for user in users if user.pk != release.created_by_id]
+    return sorted(users, key=lambda user: user.pk)

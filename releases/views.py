@@ -1,0 +1,93 @@
+"""The e-mail approval page: GET shows the release and decides nothing; only its POST decides.
+
+Mail scanners and link previewers fetch links, so a GET must never approve. The page's form
+posts back to the same URL with a CSRF token; the link itself identifies the approver, so no
+login is needed, but a session of another user is refused.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.http import require_http_methods
+
+from releasemgr.api import ApiError
+
+from . import links
+from .models import ApprovalDecision, Release
+from .selectors import approval_counts
+
+MAX_COMMENT = 2000
+
+
+def _page(request: HttpRequest, template: str, context: dict, status: int = 200) -> HttpResponse:
+    response = render(request, template, context, status=status)
+    # The URL holds a bearer credential: keep it out of Referer headers, caches and indexes.
+    response["Referrer-Policy"] = "no-referrer"
+    response["X-Robots-Tag"] = "noindex, nofollow"
+    return response
+
+
+def _refused(request: HttpRequest, *, code: str, message: str, status: int) -> HttpResponse:
+    return _page(request, "approvals/link_refused.html", {"code": code, "message": message}, status=status)
+
+
+def _release_context(release: Release, approver) -> dict:
+    counts = approval_counts(release)
+    current = next((a for a in release.approvals.all() if a.approver_id == approver.pk), None)
+    return {
+        "release": release,
+        "approver": approver,
+        "migrations": list(release.migrations.order_by("position")),
+        "lint_findings": release.lint_findings or [],
+        "dry_run": release.dry_run_summary or {},
+        "feature_flags": (release.bundle or {}).get("feature_flags", {}),
+        "approvals_required": release.to_environment.approvals_required,
+        "approvals_given": counts["approved"],
+        "rejections": counts["rejected"],
+        "current_decision": current.decision if current else "",
+        "max_comment": MAX_COMMENT,
+    }
+
+
+@never_cache
+@csrf_protect
+@require_http_methods(["GET", "POST"])
+def approval_link(request: HttpRequest, release_pk: int, token: str) -> HttpResponse:
+    user = request.user if request.user.is_authenticated else None
+    if request.method == "GET":
+        try:
+            resolved = links.approval_link_resolve(release_pk=release_pk, token=token, user=user)
+        except links.LinkError as exc:
+            return _refused(request, code=exc.code, message=exc.message, status=exc.status)
+        return _page(request, "approvals/confirm.html", _release_context(resolved.release, resolved.approver))
+
+    decision = request.POST.get("decision", "")
+    if decision not in ApprovalDecision.values:
+        return _refused(
+            request, code="bad_request", message="Choose Approve or Reject on the page.", status=400
+        )
+    comment = request.POST.get("comment", "")[:MAX_COMMENT]
+    try:
+        approval = links.approval_link_decide(
+            release_pk=release_pk, token=token, decision=decision, comment=comment, user=user
+        )
+    except links.LinkError as exc:
+        return _refused(request, code=exc.code, message=exc.message, status=exc.status)
+    except ApiError as exc:  # the approval service refused: nothing decided, the link stays unused
+        return _refused(request, code=exc.code, message=exc.message, status=exc.status_code)
+    release = Release.objects.select_related("tenant", "to_environment").get(pk=approval.release_id)
+    counts = approval_counts(release)
+    return _page(
+        request,
+        "approvals/decided.html",
+        {
+            "release": release,
+            "approval": approval,
+            "approvals_required": release.to_environment.approvals_required,
+            "approvals_given": counts["approved"],
+            "rejections": counts["rejected"],
+        },
+    )
