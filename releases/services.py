@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -121,7 +121,7 @@ def bundle_compute(*, from_environment: Environment, to_environment: Environment
 
 def next_release_id(*, tenant: Tenant) -> str:
     """rel_YYYYMMDD_hhmm in UTC, then _2, _3... The unique constraint settles races (see prepare)."""
-    base = "rel_" + timezone.now().astimezone(timezone.UTC).strftime("%Y%m%d_%H%M")
+    base = "rel_" + timezone.now().astimezone(UTC).strftime("%Y%m%d_%H%M")
     taken = set(
         Release.objects.filter(tenant=tenant, release_id__startswith=base).values_list(
             "release_id", flat=True
@@ -322,15 +322,15 @@ def _release_save(
     Migration.objects.bulk_create(
         Migration(
             release=release,
-            position=planned.position,
-            operation=planned.operation,
-            table=planned.table,
-            change=planned.change,
-            sql=planned.sql,
-            statements=planned.statements,
-            rollback_sql=planned.rollback_sql,
-            rollback_statements=planned.rollback_statements,
-            dry_run_result=planned.dry_run_result,
+            position=planned["position"],
+            operation=planned["operation"],
+            table=planned["table"],
+            change=planned["change"],
+            sql=planned["sql"],
+            statements=planned["statements"],
+            rollback_sql=planned["rollback_sql"],
+            rollback_statements=planned["rollback_statements"],
+            dry_run_result=planned["dry_run_result"],
         )
         for planned in plan.changes
     )
@@ -1088,12 +1088,22 @@ def reconcile_all() -> list[Release]:
 
 
 def _notify(release: Release, event: str) -> None:
-    from . import notifications
+    """Queue the notification task once the current transaction commits (at once outside one).
 
-    try:
-        notifications.release_notify(release=release, event=event)
-    except Exception:  # a notification must never turn a settled release into an error
-        logger.exception("notification %s for %s failed", event, release.release_id)
+    The task mails through the tool kernel (transcripts); in eager mode it runs in-process. A
+    notification must never turn a settled release into an error, so failures are only logged.
+    """
+    from . import tasks
+
+    release_pk = release.pk
+
+    def send() -> None:
+        try:
+            tasks.notify_task.delay(release_pk, event)
+        except Exception:
+            logger.exception("notification %s for release pk %s could not be queued", event, release_pk)
+
+    transaction.on_commit(send)
 
 
 def _enqueue_post_deployment(release: Release) -> None:
