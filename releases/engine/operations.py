@@ -1,0 +1,360 @@
+"""Running one change (or its undo) on a live target connection through Django's schema editor.
+
+Statements are recorded as they run (`connection.execute_wrapper`), so the SQL stored with a plan is
+exactly what the dry-run executed; the executor replays that list later. Data about to be lost is
+copied into `_rm_` side tables first, with names derived from release id, position and direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from django.apps.registry import Apps
+
+from .bundle import merge_column
+from .schema import build_model, field_attribute, introspect, table_columns
+from .target import Target
+
+_READ_ONLY = re.compile(r"^\s*(SELECT|PRAGMA|SHOW|EXPLAIN)\b", re.I)
+_PG_CASCADE = re.compile(r"^\s*(DROP TABLE\b.*|ALTER TABLE\b.*\bDROP COLUMN\b.*?)\s+CASCADE\s*$", re.I | re.S)
+VALUE_ATTRIBUTES = ("type", "max_length", "precision", "scale")
+
+
+def _jsonable_params(params: Any) -> list | None:
+    if params is None:
+        return None
+    values = list(params)
+    for value in values:
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise TypeError(f"statement parameter of type {type(value).__name__} cannot be recorded")
+    return values
+
+
+class Recorder:
+    """An execute_wrapper that records the writes the schema editor runs (and strips CASCADE)."""
+
+    def __init__(self, vendor: str) -> None:
+        self.vendor = vendor
+        self.capturing = False
+        self.force = False
+        self.statements: list[dict] = []
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: dict) -> Any:
+        if self.capturing and not many and (self.force or not _READ_ONLY.match(str(sql))):
+            sql = str(sql)
+            if self.vendor == "postgresql":
+                match = _PG_CASCADE.match(sql)
+                if match:
+                    sql = match.group(1)
+            self.statements.append({"sql": sql, "params": _jsonable_params(params)})
+        return execute(sql, params, many, context)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[dict]]:
+        start = len(self.statements)
+        self.capturing = True
+        collected: list[dict] = []
+        try:
+            yield collected
+        finally:
+            self.capturing = False
+            collected.extend(self.statements[start:])
+            del self.statements[start:]
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def preservation_name(release_id: str, position: int, direction: str) -> str:
+    """`_rm_<release>_<position><f|r>`: deterministic (re-planning gives the same SQL), <= 59 chars."""
+    slug = re.sub(r"[^a-z0-9_]", "_", str(release_id).lower())
+    suffix = f"_{position}{'f' if direction == 'forward' else 'r'}"
+    name = f"_rm_{slug}{suffix}"
+    if len(name) > 59:
+        name = f"_rm_{hashlib.sha256(str(release_id).encode()).hexdigest()[:20]}{suffix}"
+    return name
+
+
+def preservation_key(columns: list[tuple[str, dict]], exclude: str | None) -> str | None:
+    """The single-column primary key, else a non-null unique column, other than `exclude`."""
+    for name, column in columns:
+        if column.get("primary_key") and name != exclude:
+            primary = [n for n, c in columns if c.get("primary_key")]
+            if len(primary) == 1:
+                return name
+    for name, column in columns:
+        if name != exclude and column.get("unique") and not column.get("nullable"):
+            return name
+    return None
+
+
+class ChangeRunner:
+    """Runs one change's forward or rollback work on the target inside the caller's transaction."""
+
+    def __init__(self, target: Target, recorder: Recorder, release_id: str) -> None:
+        self.target = target
+        self.vendor = target.vendor
+        self.recorder = recorder
+        self.release_id = release_id
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def live(self, table: str) -> tuple[list[tuple[str, dict]], dict]:
+        schema = introspect(self.target, {table})
+        if table not in schema["tables"]:
+            raise RuntimeError(f"table {table} does not exist")
+        return table_columns(schema, table), schema["native"].get(table, {})
+
+    def model(self, table: str, columns: list[tuple[str, dict]], native: dict) -> Any:
+        return build_model(self.vendor, table, columns, native, apps=Apps())
+
+    def sql(self, statement: str) -> None:
+        """Run one statement of our own (preservation); it is recorded like the editor's."""
+        self.recorder.force = True
+        try:
+            with self.target.connection.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            self.recorder.force = False
+
+    def editor(self) -> Any:
+        return self.target.connection.schema_editor(atomic=False, collect_sql=False)
+
+    def copy_aside(self, table: str, name: str, columns: list[str] | None) -> None:
+        selected = "*" if columns is None else ", ".join(quote(c) for c in columns)
+        if self.vendor == "postgresql" and columns is None:
+            self.sql(f"CREATE TABLE {quote(name)} AS TABLE {quote(table)}")
+        else:
+            self.sql(f"CREATE TABLE {quote(name)} AS SELECT {selected} FROM {quote(table)}")
+        if columns:
+            self.sql(f"CREATE INDEX {quote(name + '_k')} ON {quote(name)} ({quote(columns[0])})")
+
+    def fill_from(self, table: str, side: str, key: str, column: str) -> None:
+        t, s, k, c = quote(table), quote(side), quote(key), quote(column)
+        if self.vendor == "postgresql":
+            self.sql(f"UPDATE {t} SET {c} = s.{c} FROM {s} AS s WHERE {t}.{k} = s.{k}")
+        else:
+            self.sql(
+                f"UPDATE {t} SET {c} = (SELECT s.{c} FROM {s} AS s WHERE s.{k} = {t}.{k}) WHERE {k} IN (SELECT {k} FROM {s})"
+            )
+
+    def reset_identity(self, table: str, native: dict) -> None:
+        auto = native.get("auto_pk")
+        if self.vendor == "postgresql" and auto:
+            self.sql(
+                f"SELECT setval(pg_get_serial_sequence('{quote(table)}', '{auto}'), "
+                f"COALESCE(MAX({quote(auto)}), 0) + 1, false) FROM {quote(table)}"
+            )
+
+    # -- operations --------------------------------------------------------------------------------
+    def run(self, change: dict, position: int, direction: str, state: dict, out: list[dict]) -> list[dict]:
+        """Forward or rollback work of `change`, its statements appended to `out` even when it fails;
+        `state` carries what forward saw, for the rollback."""
+        method = getattr(self, f"{direction}_{change['type']}")
+        try:
+            with self.recorder.capture() as statements:
+                method(change, position, state)
+        finally:
+            out.extend(statements)
+        return out
+
+    def forward_create_table(self, change: dict, position: int, state: dict) -> None:
+        columns = [(column["name"], _portable(column)) for column in change["columns"]]
+        primary = [name for name, column in columns if column["primary_key"]]
+        native = {"auto_pk": primary[0] if primary and _auto_candidate(dict(columns)[primary[0]]) else None}
+        with self.editor() as editor:
+            editor.create_model(self.model(change["table"], columns, native))
+
+    def rollback_create_table(self, change: dict, position: int, state: dict) -> None:
+        table = change["table"]
+        columns, native = self.live(table)
+        self.copy_aside(table, preservation_name(self.release_id, position, "rollback"), None)
+        with self.editor() as editor:
+            editor.delete_model(self.model(table, columns, native))
+
+    def forward_drop_table(self, change: dict, position: int, state: dict) -> None:
+        table = change["table"]
+        columns, native = self.live(table)
+        state["columns"], state["native"] = columns, native
+        side = preservation_name(self.release_id, position, "forward")
+        if self.vendor == "sqlite":
+            with self.editor() as editor:
+                editor.alter_db_table(self.model(table, columns, native), table, side)
+        else:
+            self.copy_aside(table, side, None)
+            with self.editor() as editor:
+                editor.delete_model(self.model(table, columns, native))
+
+    def rollback_drop_table(self, change: dict, position: int, state: dict) -> None:
+        table = change["table"]
+        side = preservation_name(self.release_id, position, "forward")
+        columns, native = state["columns"], state["native"]
+        if self.vendor == "sqlite":
+            with self.editor() as editor:
+                editor.alter_db_table(self.model(side, columns, native), side, table)
+            return
+        with self.editor() as editor:
+            editor.create_model(self.model(table, columns, native))
+        names = ", ".join(quote(name) for name, _ in columns)
+        overriding = " OVERRIDING SYSTEM VALUE" if native.get("auto_pk") else ""
+        self.sql(f"INSERT INTO {quote(table)} ({names}){overriding} SELECT {names} FROM {quote(side)}")
+        self.reset_identity(table, native)
+
+    def forward_add_column(self, change: dict, position: int, state: dict) -> None:
+        table, column = change["table"], change["column"]
+        columns, native = self.live(table)
+        after = [*columns, (column["name"], _portable(column))]
+        to_model = self.model(table, after, native)
+        with self.editor() as editor:
+            editor.add_field(to_model, to_model._meta.get_field(field_attribute(column["name"])))
+
+    def rollback_add_column(self, change: dict, position: int, state: dict) -> None:
+        table, name = change["table"], change["column"]["name"]
+        columns, native = self.live(table)
+        key = preservation_key(columns, exclude=name)
+        side = preservation_name(self.release_id, position, "rollback")
+        self.copy_aside(table, side, [key, name] if key else None)
+        model = self.model(table, columns, native)
+        with self.editor() as editor:
+            editor.remove_field(model, model._meta.get_field(field_attribute(name)))
+
+    def forward_drop_column(self, change: dict, position: int, state: dict) -> None:
+        table, name = change["table"], change["column"]
+        columns, native = self.live(table)
+        state["column"] = dict(columns)[name]
+        state["native"] = native
+        key = preservation_key(columns, exclude=name)
+        if key is None:
+            raise RuntimeError(f"drop_column needs a primary key or a non-null unique key on {table}")
+        state["key"] = key
+        self.copy_aside(table, preservation_name(self.release_id, position, "forward"), [key, name])
+        model = self.model(table, columns, native)
+        with self.editor() as editor:
+            editor.remove_field(model, model._meta.get_field(field_attribute(name)))
+
+    def rollback_drop_column(self, change: dict, position: int, state: dict) -> None:
+        table, name = change["table"], change["column"]
+        original = state["column"]
+        columns, native = self.live(table)
+        relaxed = {**original, "nullable": True, "unique": False}
+        relaxed_columns = [*columns, (name, relaxed)]
+        relaxed_model = self.model(table, relaxed_columns, native)
+        with self.editor() as editor:
+            editor.add_field(relaxed_model, relaxed_model._meta.get_field(field_attribute(name)))
+        self.fill_from(table, preservation_name(self.release_id, position, "forward"), state["key"], name)
+        if not original["nullable"] or original["unique"]:
+            final_model = self.model(table, [*columns, (name, original)], native)
+            with self.editor() as editor:
+                editor.alter_field(
+                    relaxed_model,
+                    relaxed_model._meta.get_field(field_attribute(name)),
+                    final_model._meta.get_field(field_attribute(name)),
+                )
+
+    def _alter(
+        self, table: str, columns: list, native: dict, name: str, new_name: str, new_column: dict
+    ) -> None:
+        after = [(new_name if n == name else n, new_column if n == name else c) for n, c in columns]
+        from_model = self.model(table, columns, native)
+        after_native = copy.deepcopy(native)
+        if after_native.get("auto_pk") == name:
+            after_native["auto_pk"] = new_name
+        for index in after_native.get("indexes", []):
+            index["columns"] = [new_name if c == name else c for c in index["columns"]]
+        to_model = self.model(table, after, after_native)
+        with self.editor() as editor:
+            editor.alter_field(
+                from_model,
+                from_model._meta.get_field(field_attribute(name)),
+                to_model._meta.get_field(field_attribute(new_name)),
+            )
+
+    def forward_modify_column(self, change: dict, position: int, state: dict) -> None:
+        table, modification = change["table"], change["column"]
+        name = modification["name"]
+        columns, native = self.live(table)
+        current = dict(columns)[name]
+        new = merge_column(current, modification)
+        state["column"] = current
+        key = preservation_key(columns, exclude=name)
+        state["key"] = key
+        state["preserved"] = False
+        if key and any(current.get(a) != new.get(a) for a in VALUE_ATTRIBUTES):
+            self.copy_aside(table, preservation_name(self.release_id, position, "forward"), [key, name])
+            state["preserved"] = True
+        self._alter(table, columns, native, name, name, new)
+
+    def rollback_modify_column(self, change: dict, position: int, state: dict) -> None:
+        table, name = change["table"], change["column"]["name"]
+        columns, native = self.live(table)
+        if state.get("preserved"):
+            self.copy_aside(
+                table, preservation_name(self.release_id, position, "rollback"), [state["key"], name]
+            )
+            # Restore the values first in the old type's terms? No: alter back, then refill.
+        self._alter(table, columns, native, name, name, state["column"])
+        if state.get("preserved"):
+            self.fill_from(table, preservation_name(self.release_id, position, "forward"), state["key"], name)
+
+    def forward_rename_column(self, change: dict, position: int, state: dict) -> None:
+        columns, native = self.live(change["table"])
+        self._alter(
+            change["table"], columns, native, change["from"], change["to"], dict(columns)[change["from"]]
+        )
+
+    def rollback_rename_column(self, change: dict, position: int, state: dict) -> None:
+        columns, native = self.live(change["table"])
+        self._alter(
+            change["table"], columns, native, change["to"], change["from"], dict(columns)[change["to"]]
+        )
+
+    def forward_rename_table(self, change: dict, position: int, state: dict) -> None:
+        columns, native = self.live(change["from"])
+        with self.editor() as editor:
+            editor.alter_db_table(self.model(change["from"], columns, native), change["from"], change["to"])
+
+    def rollback_rename_table(self, change: dict, position: int, state: dict) -> None:
+        columns, native = self.live(change["to"])
+        with self.editor() as editor:
+            editor.alter_db_table(self.model(change["to"], columns, native), change["to"], change["from"])
+
+
+def _portable(column: dict) -> dict:
+    return {key: value for key, value in column.items() if key != "name"}
+
+
+def _auto_candidate(column: dict) -> bool:
+    return column.get("type") == "bigint" and column.get("default") is None
+
+
+def preservations_for(change: dict, position: int, release_id: str, direction: str) -> list[dict]:
+    """The `_rm_` tables a change's forward or rollback work creates (for the Preservation model)."""
+    kind_by_change = {
+        ("forward", "drop_column"): "column",
+        ("forward", "drop_table"): "table",
+        ("forward", "modify_column"): "values",
+        ("rollback", "create_table"): "table",
+        ("rollback", "add_column"): "column",
+        ("rollback", "modify_column"): "values",
+    }
+    kind = kind_by_change.get((direction, change["type"]))
+    if kind is None:
+        return []
+    column = change.get("column")
+    if isinstance(column, dict):
+        column = column.get("name")
+    return [
+        {
+            "position": position,
+            "direction": direction,
+            "kind": kind,
+            "source_table": change["table"],
+            "source_column": column or "",
+            "preserved_table": preservation_name(release_id, position, direction),
+        }
+    ]

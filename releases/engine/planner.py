@@ -1,0 +1,477 @@
+"""Dependency checks, the expected schema, and the dry-run that records forward and rollback SQL."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .bundle import merge_column, sha256_hex, validate_merged_column
+from .errors import PlanError
+from .operations import ChangeRunner, Recorder, preservation_key, quote
+from .schema import fingerprint, introspect, native_fingerprint, portable_only
+from .target import Target
+
+SQLITE_REBUILD_NOTE = (
+    "SQLite rebuilds the table for this change from a model of it, which would lose: {blockers}. "
+    "Change the table by hand or move it to PostgreSQL."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Simulated schema
+# --------------------------------------------------------------------------------------------------
+
+
+def _portable(column: dict) -> dict:
+    return {key: value for key, value in column.items() if key != "name"}
+
+
+def _fail(code: str, path: str, message: str) -> PlanError:
+    return PlanError(code, message, {path: message})
+
+
+def _sqlite_rebuilds(change: dict, schema: dict) -> bool:
+    """Whether Django's SQLite editor rebuilds the table for this change or for its rollback."""
+    change_type = change["type"]
+    if change_type == "modify_column":
+        return True
+    if change_type == "add_column":
+        column = change["column"]
+        return (not column["nullable"]) or column["default"] is not None or column["unique"]
+    if change_type == "drop_column":
+        column = schema["tables"][change["table"]]["columns"][change["column"]]
+        return (not column["nullable"]) or column["default"] is not None or column["unique"]
+    return False
+
+
+def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> None:
+    """Advance a (portable + native) schema by one change; PlanError when it does not apply."""
+    tables = schema.setdefault("tables", {})
+    native_all = schema.setdefault("native", {})
+    change_type = change["type"]
+    table = change.get("table")
+
+    if change_type == "create_table":
+        if table in tables:
+            raise _fail("validation_error", f"{path}.table", f"table '{table}' already exists")
+        tables[table] = {
+            "columns": {column["name"]: _portable(column) for column in change["columns"]},
+            "column_order": [column["name"] for column in change["columns"]],
+        }
+        primary = [c for c in change["columns"] if c["primary_key"]]
+        auto = (
+            primary[0]["name"]
+            if primary and primary[0]["type"] == "bigint" and primary[0]["default"] is None
+            else None
+        )
+        native_all[table] = {
+            "vendor": schema.get("vendor"),
+            "auto_pk": auto,
+            "indexes": [],
+            "blockers": [],
+            "has_primary_key": bool(primary),
+        }
+        return
+    source = change.get("from") if change_type == "rename_table" else table
+    if source not in tables:
+        raise _fail(
+            "validation_error",
+            f"{path}.{'from' if change_type == 'rename_table' else 'table'}",
+            f"table '{source}' does not exist",
+        )
+    entry = tables[source]
+    native = native_all.get(source) or {"blockers": [], "indexes": [], "has_primary_key": True}
+    blockers = list(native.get("blockers", []))
+    if not native.get("has_primary_key", True):
+        blockers.append("the table has no primary key")
+    vendor = native.get("vendor") or schema.get("vendor")
+    columns = entry["columns"]
+
+    if change_type == "drop_table":
+        if blockers and vendor == "postgresql":
+            raise _fail(
+                "unsupported_table",
+                f"{path}.table",
+                f"dropping '{table}' cannot be rolled back exactly (it has {', '.join(blockers)})",
+            )
+        del tables[table]
+        native_all.pop(table, None)
+        return
+    if change_type == "rename_table":
+        target_name = change["to"]
+        if target_name in tables:
+            raise _fail("validation_error", f"{path}.to", f"table '{target_name}' already exists")
+        tables[target_name] = tables.pop(source)
+        if source in native_all:
+            native_all[target_name] = native_all.pop(source)
+        return
+    if vendor == "sqlite" and blockers and change_type in ("add_column", "drop_column", "modify_column"):
+        if change_type == "drop_column" and change["column"] not in columns:
+            pass  # reported below as a validation error
+        elif change_type == "modify_column" and change["column"]["name"] not in columns:
+            pass
+        elif _sqlite_rebuilds(change, schema):
+            raise _fail(
+                "unsupported_table", f"{path}.table", SQLITE_REBUILD_NOTE.format(blockers=", ".join(blockers))
+            )
+    order = entry.setdefault("column_order", list(columns))
+
+    if change_type == "add_column":
+        column = change["column"]
+        if column["name"] in columns:
+            raise _fail(
+                "validation_error",
+                f"{path}.column.name",
+                f"column '{column['name']}' already exists in '{table}'",
+            )
+        if column["primary_key"]:
+            raise _fail(
+                "validation_error",
+                f"{path}.column.primary_key",
+                "cannot add a primary key to an existing table",
+            )
+        columns[column["name"]] = _portable(column)
+        order.append(column["name"])
+    elif change_type == "drop_column":
+        name = change["column"]
+        if name not in columns:
+            raise _fail("validation_error", f"{path}.column", f"column '{name}' does not exist in '{table}'")
+        if columns[name].get("primary_key"):
+            raise _fail("validation_error", f"{path}.column", f"'{name}' is the primary key of '{table}'")
+        if len(columns) == 1:
+            raise _fail("validation_error", f"{path}.column", f"'{name}' is the only column of '{table}'")
+        if preservation_key(list(columns.items()), exclude=name) is None:
+            raise _fail(
+                "validation_error",
+                f"{path}.column",
+                f"drop_column needs a single-column primary key or a non-null unique key on '{table}' "
+                "so the values can be restored on rollback",
+            )
+        del columns[name]
+        order.remove(name)
+    elif change_type == "modify_column":
+        modification = change["column"]
+        name = modification["name"]
+        if name not in columns:
+            raise _fail(
+                "validation_error", f"{path}.column.name", f"column '{name}' does not exist in '{table}'"
+            )
+        current = dict(columns[name])
+        merged = merge_column(current, modification)
+        errors = validate_merged_column(merged, f"{path}.column")
+        if errors:
+            first = next(iter(errors.items()))
+            raise PlanError("validation_error", f"{first[0]}: {first[1]}", errors)
+        if str(current.get("type", "")).startswith("native:"):
+            raise _fail(
+                "validation_error",
+                f"{path}.column.name",
+                f"column '{name}' has a type outside the vocabulary",
+            )
+        if merged == current:
+            raise _fail(
+                "validation_error", f"{path}.column", f"modify_column changes nothing on '{table}.{name}'"
+            )
+        if current.get("primary_key") and merged.get("type") != current.get("type"):
+            raise _fail(
+                "validation_error",
+                f"{path}.column.type",
+                "changing the type of a primary key is not supported",
+            )
+        if current.get("primary_key") and native.get("auto_pk") == name:
+            raise _fail("validation_error", f"{path}.column", "an identity primary key cannot be modified")
+        columns[name] = merged
+    elif change_type == "rename_column":
+        old, new = change["from"], change["to"]
+        if old not in columns:
+            raise _fail("validation_error", f"{path}.from", f"column '{old}' does not exist in '{table}'")
+        if new in columns:
+            raise _fail("validation_error", f"{path}.to", f"column '{new}' already exists in '{table}'")
+        entry["columns"] = {(new if n == old else n): c for n, c in columns.items()}
+        entry["column_order"] = [new if n == old else n for n in order]
+        if table in native_all:
+            native_all[table] = copy.deepcopy(native_all[table])
+            if native_all[table].get("auto_pk") == old:
+                native_all[table]["auto_pk"] = new
+            for index in native_all[table].get("indexes", []):
+                index["columns"] = [new if c == old else c for c in index["columns"]]
+    else:  # pragma: no cover - normalize_bundle only lets known types through
+        raise _fail("validation_error", f"{path}.type", f"unknown change type {change_type}")
+
+
+def _with_vendor(schema: dict) -> dict:
+    result = copy.deepcopy(schema)
+    vendors = {n.get("vendor") for n in result.get("native", {}).values() if n.get("vendor")}
+    if len(vendors) == 1:
+        result["vendor"] = vendors.pop()
+    return result
+
+
+def check_dependencies(schema: dict, changes: list[dict]) -> None:
+    """Check the changes one by one against the schema each leaves; PlanError on the first problem."""
+    state = _with_vendor(schema)
+    for index, change in enumerate(changes):
+        apply_change_to_schema(state, change, f"database.changes[{index}]")
+
+
+def expected_schema(schema: dict, changes: list[dict]) -> dict:
+    """The schema the changes should leave behind (PlanError when they do not apply)."""
+    state = _with_vendor(schema)
+    for index, change in enumerate(changes):
+        apply_change_to_schema(state, change, f"database.changes[{index}]")
+    state.pop("vendor", None)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A dry-run's result: per change SQL and results, and what the target looks like around it."""
+
+    changes: list[dict] = field(default_factory=list)
+    forward_ok: bool = False
+    rollback_verified: bool = False
+    error: str | None = None
+    fingerprint_before: str = ""
+    fingerprint_after: str = ""
+    schema_before: dict = field(default_factory=dict)
+    schema_after: dict = field(default_factory=dict)
+    native_fingerprint_before: str = ""
+    sql_sha256: str = ""
+    tables_touched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.forward_ok and self.rollback_verified
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def statements_sha256(changes: list[dict]) -> str:
+    """sha256 over the canonical JSON of every forward and rollback statement, in order."""
+    return sha256_hex(
+        [
+            {
+                "statements": change.get("statements", []),
+                "rollback_statements": change.get("rollback_statements", []),
+            }
+            for change in changes
+        ]
+    )
+
+
+def render_sql(target: Target, statements: list[dict]) -> str:
+    """Readable SQL text: parameters quoted by the dialect, one statement per line-terminated block."""
+    parts = []
+    editor = target.connection.schema_editor(collect_sql=True, atomic=False)
+    for statement in statements:
+        sql, params = statement["sql"], statement.get("params")
+        if params:
+            sql = sql % tuple(editor.quote_value(p) for p in params)
+        parts.append(sql.rstrip().rstrip(";") + ";")
+    return "\n".join(parts)
+
+
+def tables_touched(changes: list[dict]) -> list[str]:
+    names: set[str] = set()
+    for change in changes:
+        if change.get("table"):
+            names.add(change["table"])
+        if change["type"] == "rename_table":
+            names.add(change["to"])
+    return sorted(names)
+
+
+def begin(
+    target: Target, lock_timeout_ms: int, statement_timeout_ms: int, *, immediate: bool = False
+) -> None:
+    connection = target.connection
+    with connection.cursor() as cursor:
+        if target.is_sqlite:
+            connection.disable_constraint_checking()
+            cursor.execute(f"PRAGMA busy_timeout = {int(lock_timeout_ms)}")
+            cursor.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        else:
+            cursor.execute("BEGIN")
+            cursor.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'")
+            cursor.execute(f"SET LOCAL statement_timeout = '{int(statement_timeout_ms)}ms'")
+
+
+def rollback_transaction(target: Target) -> None:
+    connection = target.connection
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+    except Exception:  # noqa: BLE001 - nothing open (or the connection died): the target keeps its state
+        if target.is_postgresql:
+            connection.close()
+    finally:
+        if target.is_sqlite and connection.connection is not None:
+            connection.enable_constraint_checking()
+
+
+def run_statements(target: Target, statements: list[dict]) -> None:
+    with target.connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement["sql"], statement.get("params"))
+
+
+def _compare(left: dict, right: dict) -> list[str]:
+    """Differences between two portable schemas, as short sentences (empty when equal)."""
+    differences = []
+    a, b = portable_only(left)["tables"], portable_only(right)["tables"]
+    for table in sorted(set(a) | set(b)):
+        if table not in a or table not in b:
+            differences.append(f"table {table} only in {'expected' if table in a else 'actual'}")
+            continue
+        for column in sorted(set(a[table]["columns"]) | set(b[table]["columns"])):
+            if a[table]["columns"].get(column) != b[table]["columns"].get(column):
+                differences.append(
+                    f"{table}.{column}: expected {a[table]['columns'].get(column)} got {b[table]['columns'].get(column)}"
+                )
+    native_a = {
+        t: sorted((i["name"], tuple(i["columns"])) for i in n.get("indexes", []))
+        for t, n in left.get("native", {}).items()
+    }
+    native_b = {
+        t: sorted((i["name"], tuple(i["columns"])) for i in n.get("indexes", []))
+        for t, n in right.get("native", {}).items()
+    }
+    for table in sorted(set(native_a) & set(native_b)):
+        if native_a[table] != native_b[table]:
+            differences.append(f"indexes of {table} differ")
+    return differences
+
+
+def plan(
+    target: Target,
+    changes: list[dict],
+    *,
+    release_id: str,
+    lock_timeout_ms: int = 1000,
+    statement_timeout_ms: int = 60_000,
+) -> Plan:
+    """Check dependencies, then dry-run every change (and its rollback) in one rolled-back transaction."""
+    schema_before = introspect(target)
+    result = Plan(
+        schema_before=portable_only(schema_before),
+        fingerprint_before=fingerprint(schema_before),
+        native_fingerprint_before=native_fingerprint(target),
+        tables_touched=tables_touched(changes),
+    )
+    check_dependencies(schema_before, changes)
+    expected = expected_schema(schema_before, changes)
+    result.schema_after = portable_only(expected)
+    result.fingerprint_after = fingerprint(expected)
+    for position, change in enumerate(changes):
+        result.changes.append(
+            {
+                "position": position,
+                "operation": change["type"],
+                "table": change["table"],
+                "change": change,
+                "statements": [],
+                "rollback_statements": [],
+                "sql": "",
+                "rollback_sql": "",
+                "dry_run_result": {"ok": False, "duration_ms": 0, "statements": 0, "error": "not run"},
+            }
+        )
+
+    connection = target.connection
+    recorder = Recorder(target.vendor)
+    runner = ChangeRunner(target, recorder, release_id)
+    with connection.execute_wrapper(recorder):
+        begin(target, lock_timeout_ms, statement_timeout_ms)
+        try:
+            result.forward_ok = True
+            for position, change in enumerate(changes):
+                entry = result.changes[position]
+                state: dict[str, Any] = {}
+                started = time.monotonic()
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SAVEPOINT rm_forward")
+                    runner.run(change, position, "forward", state, entry["statements"])
+                    with connection.cursor() as cursor:
+                        cursor.execute("RELEASE SAVEPOINT rm_forward")
+                except Exception as exc:  # noqa: BLE001 - any failure ends the dry-run with its message
+                    message = target.scrub(str(exc)).strip() or exc.__class__.__name__
+                    entry["dry_run_result"] = {
+                        "ok": False,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                        "statements": len(entry["statements"]),
+                        "error": message,
+                    }
+                    result.forward_ok = False
+                    result.error = f"change {position} ({change['type']} {change['table']}) failed: {message}"
+                    break
+                entry["dry_run_result"] = {
+                    "ok": True,
+                    "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                    "statements": len(entry["statements"]),
+                    "error": None,
+                }
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SAVEPOINT rm_rollback")
+                    runner.run(change, position, "rollback", state, entry["rollback_statements"])
+                except Exception as exc:  # noqa: BLE001
+                    message = target.scrub(str(exc)).strip() or exc.__class__.__name__
+                    result.error = f"rollback of change {position} cannot be generated: {message}"
+                finally:
+                    with connection.cursor() as cursor:
+                        cursor.execute("ROLLBACK TO SAVEPOINT rm_rollback")
+                        cursor.execute("RELEASE SAVEPOINT rm_rollback")
+            if result.forward_ok and result.error is None:
+                actual = introspect(target)
+                differences = _compare(expected, actual)
+                if differences:
+                    result.forward_ok = False
+                    result.error = "the schema after the changes is not the expected one: " + "; ".join(
+                        differences[:5]
+                    )
+                else:
+                    try:
+                        for entry in reversed(result.changes):
+                            run_statements(target, entry["rollback_statements"])
+                        restored = introspect(target)
+                        differences = _compare(schema_before, restored)
+                        if differences:
+                            result.error = "the rollback does not restore the schema: " + "; ".join(
+                                differences[:5]
+                            )
+                        else:
+                            result.rollback_verified = True
+                    except Exception as exc:  # noqa: BLE001
+                        result.error = f"the rollback failed in the dry-run: {target.scrub(str(exc)).strip()}"
+        finally:
+            rollback_transaction(target)
+    for entry in result.changes:
+        entry["sql"] = render_sql(target, entry["statements"])
+        entry["rollback_sql"] = render_sql(target, entry["rollback_statements"])
+    result.sql_sha256 = statements_sha256(result.changes)
+    return result
+
+
+__all__ = [
+    "Plan",
+    "apply_change_to_schema",
+    "begin",
+    "check_dependencies",
+    "expected_schema",
+    "plan",
+    "quote",
+    "render_sql",
+    "rollback_transaction",
+    "run_statements",
+    "statements_sha256",
+    "tables_touched",
+]
