@@ -209,11 +209,33 @@ if IS_PRODUCTION:
     SECURE_REFERRER_POLICY = "same-origin"
     SECURE_REDIRECT_EXEMPT = [r"^health$", r"^metrics$"]
 
+# One JSON line per event on stderr (LOG_FORMAT=plain for a human-readable console), with the
+# request id attached and secrets scrubbed; Django's own loggers go through the same handler.
+LOG_FORMAT = env.str("LOG_FORMAT", default="json")
+if LOG_FORMAT not in ("json", "plain"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        "request_context": {"()": "releasemgr.logging.RequestContextFilter"},
+        "scrub_secrets": {"()": "releasemgr.logging.SecretScrubFilter"},
+    },
+    "formatters": {
+        "json": {"()": "releasemgr.logging.JsonFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_context", "scrub_secrets"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.db.backends": {"level": "WARNING"},
+    },
 }
