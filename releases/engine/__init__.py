@@ -6,14 +6,26 @@ first use, so the core works (and imports) on its own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
 from .bundle import CHANGE_TYPES, COLUMN_TYPES, canonical_json, normalize_bundle, sha256_hex
 from .errors import BundleError, EngineError, PlanError, TargetError
+from .executor import ApplyResult, apply, history, purge_preserved, rollback, target_lock
 from .planner import Plan, check_dependencies, expected_schema, plan, statements_sha256
 from .schema import fingerprint, introspect, native_fingerprint
 from .target import Target, open_target
+
+# The parts other modules provide are imported here when present (so `engine.lint` is the function
+# even after someone imports `releases.engine.lint` directly); if one is missing or broken, the rest
+# of the engine still imports and the name raises on first use instead.
+with contextlib.suppress(ImportError):
+    from .lint import LINT_RULES, lint
+with contextlib.suppress(ImportError):
+    from .diff import DiffError, diff_schemas, schema_difference
+with contextlib.suppress(ImportError):
+    from .backup import BackupError, BackupInfo, backup
 
 _LAZY = {
     "lint": ".lint",
@@ -24,12 +36,6 @@ _LAZY = {
     "backup": ".backup",
     "BackupInfo": ".backup",
     "BackupError": ".backup",
-    "apply": ".executor",
-    "rollback": ".executor",
-    "ApplyResult": ".executor",
-    "history": ".executor",
-    "target_lock": ".executor",
-    "purge_preserved": ".executor",
 }
 
 
@@ -38,9 +44,12 @@ def __getattr__(name: str) -> Any:
     if module_name is None:
         raise AttributeError(f"module 'releases.engine' has no attribute {name!r}")
     module = importlib.import_module(module_name, __name__)
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
+    # Importing `.lint` binds the submodule as this package's attribute `lint` (and `.backup` as
+    # `backup`): overwrite every name that module provides with the function/class itself.
+    for other, other_module in _LAZY.items():
+        if other_module == module_name:
+            globals()[other] = getattr(module, other)
+    return globals()[name]
 
 
 __all__ = [
