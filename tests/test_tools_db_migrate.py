@@ -256,3 +256,94 @@ def test_db_migrate__unreachable_target__error_scrubbed_of_host_and_password(sql
     for secret in ("Tr0ub4dor3", "no-such-host", "deployer"):
         assert secret not in result.error
         assert secret not in str(stored)
+
+
+# --- inside the release executor ------------------------------------------------------------------
+
+
+def _prepared_release(setup, changes):
+    from releases import services
+
+    return services.release_prepare(
+        tenant=setup.tenant,
+        user=setup.admin,
+        from_env="dev",
+        to_env="staging",
+        bundle_data={"database": {"changes": changes}},
+    )
+
+
+NEW_FEATURE_CHANGE = {
+    "type": "create_table",
+    "table": "new_feature",
+    "columns": [{"name": "name", "type": "text", "nullable": False}],
+}
+
+
+def test_db_migrate__executor_with_release__applies_the_release_changes(
+    setup, django_capture_on_commit_callbacks
+):
+    from releases import engine
+
+    url = setup.urls["staging"]
+    with django_capture_on_commit_callbacks(execute=True):
+        release = _prepared_release(setup, [NEW_FEATURE_CHANGE])
+    before = target_state(url)
+    assert "new_feature" not in before[0]["tables"]
+    result = run_tool("db.migrate", {}, tenant=setup.tenant, release=release, dry_run=False, executor=True)
+    assert result.ok is True, result.error
+    assert result.data["applied"] is True
+    schema, native = target_state(url)
+    assert "new_feature" in schema["tables"]
+    assert native == result.data["native_fingerprint_after"]
+    assert engine.fingerprint(schema) == release.fingerprint_after
+    with engine.open_target(url) as target:
+        assert [row["release_pk"] for row in engine.history(target)] == [release.pk]
+    transcript = ToolTranscript.objects.get(transcript_id=result.transcript_id)
+    assert (transcript.release_id, transcript.dry_run) == (release.pk, False)
+
+
+def test_db_migrate__executor_with_other_changes_than_the_release__refused(
+    setup, django_capture_on_commit_callbacks
+):
+    url = setup.urls["staging"]
+    with django_capture_on_commit_callbacks(execute=True):
+        release = _prepared_release(setup, [NEW_FEATURE_CHANGE])
+    before = target_state(url)
+    result = run_tool(
+        "db.migrate",
+        {"op": "drop_table", "table": "users"},
+        tenant=setup.tenant,
+        release=release,
+        dry_run=False,
+        executor=True,
+    )
+    assert (result.ok, result.error_code) == (False, "forbidden")
+    assert target_state(url) == before
+
+
+def test_db_migrate__executor_after_drift__schema_drift_and_nothing_applied(
+    setup, django_capture_on_commit_callbacks
+):
+    url = setup.urls["staging"]
+    with django_capture_on_commit_callbacks(execute=True):
+        release = _prepared_release(setup, [NEW_FEATURE_CHANGE])
+    run_sql(url, "CREATE TABLE intruder (id integer PRIMARY KEY)")
+    before = target_state(url)
+    result = run_tool("db.migrate", {}, tenant=setup.tenant, release=release, dry_run=False, executor=True)
+    assert (result.ok, result.error_code) == (False, "schema_drift")
+    assert target_state(url) == before
+
+
+def test_db_migrate__dry_run_for_a_release_without_op__plans_the_release_changes(
+    setup, django_capture_on_commit_callbacks
+):
+    url = setup.urls["staging"]
+    with django_capture_on_commit_callbacks(execute=True):
+        release = _prepared_release(setup, [NEW_FEATURE_CHANGE])
+    before = target_state(url)
+    result = run_tool("db.migrate", {}, tenant=setup.tenant, release=release, dry_run=True)
+    assert result.ok is True, result.error
+    assert result.data["operation"] == "create_table"
+    assert result.data["dry_run_result"]["fingerprint_after"] == release.fingerprint_after
+    assert target_state(url) == before

@@ -79,6 +79,9 @@ class ToolKernel:
         self.registry = tool_registry if tool_registry is not None else registry
 
     def execute(self, call: ToolCall, ctx: ToolContext) -> ToolResult:
+        if getattr(ctx, "tenant", None) is None or getattr(ctx.tenant, "pk", None) is None:
+            # A programming error, not a bad call: without a tenant there is nowhere to record it.
+            raise ValueError("ToolContext.tenant must be a saved Tenant")
         started = time.perf_counter()
         transcript_id = new_transcript_id()
         call_id = str(call.id) if call.id not in (None, "") else new_call_id()

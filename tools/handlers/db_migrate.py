@@ -255,7 +255,12 @@ def handle(args: dict[str, Any], ctx: ToolContext, *, call: ToolCall, dry_run: b
 
 
 def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[str, Any]:
-    """Apply the release's changes in one transaction on its target (the executor's path)."""
+    """Apply the release's recorded statements in one transaction on its target (the executor's path).
+
+    The same call the release services make: drift is checked against the native fingerprint
+    recorded at prepare, the result against the expected portable fingerprint, and the target's
+    `_rm_history` records the apply. Locks and backups are the caller's (the executor's) business.
+    """
     from releases import engine
 
     release = ctx.release
@@ -271,6 +276,22 @@ def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[s
         )
     if not release.native_fingerprint_before or not release.fingerprint_after:
         raise ToolFailure("The release has no fingerprints recorded at prepare; prepare it again.")
+    # The statements recorded at prepare are the ones approved, and the ones run.
+    recorded = [
+        {
+            "position": migration.position,
+            "operation": migration.operation,
+            "table": migration.table,
+            "change": migration.change,
+            "statements": migration.statements,
+            "rollback_statements": migration.rollback_statements,
+        }
+        for migration in release.migrations.order_by("position")
+    ]
+    if release.sql_sha256 and engine.statements_sha256(recorded) != release.sql_sha256:
+        raise ToolFailure(
+            "The release's recorded SQL differs from the SQL approved at prepare.", code="schema_drift"
+        )
     environment = release.to_environment
     try:
         with engine.open_target(environment.database_url) as target:
@@ -279,7 +300,7 @@ def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[s
                 release_pk=release.pk,
                 release_id=release.release_id,
                 bundle_sha256=release.bundle_sha256,
-                changes=release_changes,
+                changes=recorded,
                 expected_native_before=release.native_fingerprint_before,
                 expected_fingerprint_after=release.fingerprint_after,
                 lock_timeout_ms=environment.apply_lock_timeout_ms,
