@@ -12,6 +12,7 @@ from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
 from releases import engine
+from releases.models import AuditEvent, Migration, Release
 from tenants import crypto
 from tenants.models import ApiToken, Environment, FeatureFlag, Membership, Tenant
 
@@ -305,3 +306,255 @@ def test_rotate_encryption_keys__new_key_first__old_key_alone_no_longer_decrypts
     crypto._fernet.cache_clear()
     assert {e.stage: e.database_url for e in Environment.objects.all()} == urls
     crypto._fernet.cache_clear()
+
+
+# --- the release commands end to end -----------------------------------------------------------
+
+
+def add_column(table: str, name: str) -> dict:
+    return {
+        "type": "add_column",
+        "table": table,
+        "column": {"name": name, "type": "integer", "nullable": True},
+    }
+
+
+def flow(factory, tmp_path) -> tuple[dict[str, str], str]:
+    """A tenant whose staging has `new_feature` from a promoted release; returns its URLs and the release id."""
+    urls = setup_tenant(factory)
+    bundle = write_bundle(tmp_path, [CREATE_NEW_FEATURE], {"custom_domains": True})
+    out, _ = run("release_prepare", "--tenant=acme", f"--bundle={bundle}")
+    manifest = json.loads(out)
+    assert manifest["status"] == "prepared", manifest
+    out, _ = run("release_promote", "--tenant=acme")
+    assert json.loads(out)["status"] == "promoted"
+    return urls, manifest["release_id"]
+
+
+@pytest.mark.django_db
+def test_release_commands__prepare_promote_list_rollback__sqlite_targets_follow(
+    sqlite_database_factory, tmp_path
+):
+    urls = setup_tenant(sqlite_database_factory)
+    bundle = write_bundle(tmp_path, [CREATE_NEW_FEATURE], {"custom_domains": True})
+
+    out, err = run("release_prepare", "--tenant=acme", f"--bundle={bundle}")
+
+    manifest = json.loads(out)  # stdout is the manifest alone, whatever else the services print
+    release_id = manifest["release_id"]
+    assert manifest["id"] == release_id and manifest["status"] == "prepared"
+    assert (manifest["from_env"], manifest["to_env"]) == ("dev", "staging")
+    assert manifest["created_by"] == "alice"  # the tenant's first admin
+    assert [m["operation"] for m in manifest["migrations"]] == ["create_table"]
+    assert "new_feature" in manifest["migrations"][0]["sql"]
+    assert "new_feature" not in tables_of(urls["staging"])
+
+    out, _ = run("release_promote", "--tenant=acme")  # the latest prepared release by default
+
+    promoted = json.loads(out)
+    assert (promoted["release_id"], promoted["status"]) == (release_id, "promoted")
+    assert promoted["promoted_at"].endswith("Z")
+    assert "new_feature" in tables_of(urls["staging"])
+    assert "new_feature" not in tables_of(urls["dev"]) | tables_of(urls["prod"])
+    assert FeatureFlag.objects.get(environment__stage="staging", name="custom_domains").value is True
+
+    out, _ = run("release_list", "--tenant=acme", "--json")
+    assert [(r["release_id"], r["status"]) for r in json.loads(out)] == [(release_id, "promoted")]
+    out, _ = run("release_list", "--tenant=acme", "--status=promoted", "--to-env=staging")
+    assert release_id in out and "promoted" in out
+    out, _ = run("release_list", "--tenant=acme", "--to-env=prod", "--json")
+    assert json.loads(out) == []
+
+    out, _ = run("release_rollback", "--tenant=acme", f"--release={release_id}")
+
+    rolled_back = json.loads(out)
+    assert rolled_back["status"] == "rolled_back" and rolled_back["rolled_back"] is True
+    assert "new_feature" not in tables_of(urls["staging"])
+    assert not FeatureFlag.objects.filter(environment__stage="staging", name="custom_domains").exists()
+    events = list(
+        AuditEvent.objects.filter(release__release_id=release_id).values_list("event", "actor_username")
+    )
+    assert events == [
+        ("release.prepared", "alice"),
+        ("release.promoted", "alice"),
+        ("release.rollback", "alice"),
+    ]
+
+
+@pytest.mark.django_db
+def test_release_commands__postgresql_targets__prepare_promote_rollback(pg_database_factory, tmp_path):
+    urls, release_id = flow(pg_database_factory, tmp_path)
+    assert "new_feature" in tables_of(urls["staging"])
+
+    out, _ = run("release_rollback", "--tenant=acme", f"--release={release_id}", "--user=alice")
+
+    assert json.loads(out)["rolled_back"] is True
+    assert "new_feature" not in tables_of(urls["staging"])
+    assert Release.objects.get(release_id=release_id).status == "rolled_back"
+
+
+@pytest.mark.django_db
+def test_release_rollback__to__rolls_back_newer_releases_newest_first(sqlite_database_factory, tmp_path):
+    urls, first = flow(sqlite_database_factory, tmp_path)
+    ids = [first]
+    for column in ("second", "third"):
+        bundle = write_bundle(tmp_path, [add_column("new_feature", column)], name=f"{column}.json")
+        ids.append(json.loads(run("release_prepare", "--tenant=acme", f"--bundle={bundle}")[0])["release_id"])
+        assert (
+            json.loads(run("release_promote", "--tenant=acme", f"--release={ids[-1]}")[0])["status"]
+            == "promoted"
+        )
+    with engine.open_target(urls["staging"]) as target:
+        assert {"second", "third"} <= set(engine.introspect(target)["tables"]["new_feature"]["columns"])
+
+    # Rolling back the middle one alone is refused: the newest must go first.
+    code, _, err = refused("release_rollback", "--tenant=acme", f"--release={ids[1]}")
+    assert code == 1 and err.startswith("error: conflict:") and ids[2] in err
+
+    out, _ = run("release_rollback", "--tenant=acme", f"--to={ids[1]}")
+
+    manifests = json.loads(out)
+    assert [m["release_id"] for m in manifests] == [ids[2], ids[1]]
+    assert all(m["rolled_back"] for m in manifests)
+    order = list(
+        AuditEvent.objects.filter(event="release.rollback")
+        .order_by("created_at", "id")
+        .values_list("release__release_id", flat=True)
+    )
+    assert order == [ids[2], ids[1]]
+    statuses = dict(Release.objects.values_list("release_id", "status"))
+    assert statuses == {ids[0]: "promoted", ids[1]: "rolled_back", ids[2]: "rolled_back"}
+    with engine.open_target(urls["staging"]) as target:
+        assert set(engine.introspect(target)["tables"]["new_feature"]["columns"]) == {"id", "name", "enabled"}
+
+
+@pytest.mark.django_db
+def test_release_commands__refusals__exit_1_with_error_code_and_nothing_changed(
+    sqlite_database_factory, tmp_path
+):
+    urls, release_id = flow(sqlite_database_factory, tmp_path)
+    counts = (Release.objects.count(), Migration.objects.count(), AuditEvent.objects.count())
+    staging_before = tables_of(urls["staging"])
+
+    # A release skipping a stage.
+    code, out, err = refused("release_prepare", "--tenant=acme", "--from=dev", "--to=prod")
+    assert (code, out) == (1, "") and err.startswith("error: validation_error:")
+    # A change that depends on what the target does not have.
+    bundle = write_bundle(tmp_path, [add_column("missing_table", "x")], name="bad.json")
+    code, _, err = refused("release_prepare", "--tenant=acme", f"--bundle={bundle}")
+    assert code == 1 and err.startswith("error: validation_error:") and "missing_table" in err
+    # Promote of a release that is not prepared.
+    code, _, err = refused("release_promote", "--tenant=acme", f"--release={release_id}")
+    assert code == 1 and err.startswith("error: conflict:")
+    # Unknown release, tenant, and a user who is not admin.
+    code, _, err = refused("release_promote", "--tenant=acme", "--release=rel_20000101_0000")
+    assert code == 1 and err.startswith("error: not_found:")
+    code, _, err = refused("release_list", "--tenant=nope")
+    assert code == 1 and err.startswith("error: not_found:")
+    code, _, err = refused("release_prepare", "--tenant=acme", "--user=bob")
+    assert code == 1 and err.startswith("error: forbidden:")
+
+    assert (Release.objects.count(), Migration.objects.count(), AuditEvent.objects.count()) == counts
+    assert tables_of(urls["staging"]) == staging_before
+
+
+@pytest.mark.django_db
+def test_release_prepare__bad_arguments__exit_2(sqlite_database_factory, tmp_path):
+    setup_tenant(sqlite_database_factory)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for arguments, message in [
+        ([f"--bundle={broken}"], "not valid JSON"),
+        ([f"--bundle={tmp_path / 'absent.json'}"], "cannot read"),
+        (["--allow-unsafe", "adding-not-nullable-field"], "--reason"),
+        (["--from=prod"], "Nothing comes after prod"),
+    ]:
+        with pytest.raises(CommandError) as error:
+            run("release_prepare", "--tenant=acme", *arguments)
+        assert error.value.returncode == 2 and message in str(error.value)
+    assert not Release.objects.exists()
+
+
+@pytest.mark.django_db
+def test_release_promote__prod_without_approval__refused_then_approved_promotes(
+    sqlite_database_factory, tmp_path
+):
+    from releases.services import approval_record
+
+    urls, _ = flow(sqlite_database_factory, tmp_path)
+    out, _ = run("release_prepare", "--tenant=acme", "--to=prod")  # computed: staging minus prod
+    manifest = json.loads(out)
+    assert [m["operation"] for m in manifest["migrations"]] == ["create_table"]
+    assert manifest["feature_flags"] == {"custom_domains": True}
+
+    code, _, err = refused("release_promote", "--tenant=acme")
+    assert code == 1 and err.startswith("error: approvals_missing:")
+    assert "new_feature" not in tables_of(urls["prod"])
+
+    release = Release.objects.get(release_id=manifest["release_id"])
+    approval_record(release=release, user=get_user_model().objects.get(username="bob"), decision="approved")
+    out, _ = run("release_promote", "--tenant=acme")
+
+    assert json.loads(out)["status"] == "promoted"
+    assert "new_feature" in tables_of(urls["prod"])
+
+
+@pytest.mark.django_db
+def test_release_reconcile__release_left_promoting_by_a_dead_worker__settled_failed(
+    sqlite_database_factory, tmp_path
+):
+    urls = setup_tenant(sqlite_database_factory)
+    bundle = write_bundle(tmp_path, [CREATE_NEW_FEATURE])
+    release_id = json.loads(run("release_prepare", "--tenant=acme", f"--bundle={bundle}")[0])["release_id"]
+    # A worker took the release and died before committing anything on the target.
+    Release.objects.filter(release_id=release_id).update(status="promoting")
+
+    out, _ = run("release_reconcile", "--tenant=acme")
+
+    assert json.loads(out) == [
+        {"tenant": "acme", "release_id": release_id, "to_env": "staging", "status": "failed"}
+    ]
+    release = Release.objects.get(release_id=release_id)
+    assert release.error_code == "worker_lost" and release.failed_at is not None
+    assert "new_feature" not in tables_of(urls["staging"])
+    assert json.loads(run("release_reconcile")[0]) == []
+
+
+@pytest.mark.django_db
+def test_purge_preserved__older_releases__drops_rm_tables_and_blocks_their_rollback(
+    sqlite_database_factory, tmp_path
+):
+    from releases.models import Preservation
+
+    urls, release_id = flow(sqlite_database_factory, tmp_path)
+    bundle = write_bundle(
+        tmp_path, [{"type": "drop_column", "table": "new_feature", "column": "enabled"}], name="d.json"
+    )
+    dropped_id = json.loads(run("release_prepare", "--tenant=acme", f"--bundle={bundle}")[0])["release_id"]
+    run("release_promote", "--tenant=acme")
+    preserved = list(
+        Preservation.objects.filter(release__release_id=dropped_id).values_list("preserved_table", flat=True)
+    )
+    assert preserved
+
+    def rm_tables() -> set[str]:
+        with engine.open_target(urls["staging"]) as target:
+            return {name for name in target.connection.introspection.table_names() if name.startswith("_rm_")}
+
+    assert set(preserved) <= rm_tables()
+
+    report = json.loads(run("purge_preserved", "--older-than=30")[0])
+    assert report["tables"] == 0 and set(preserved) <= rm_tables()
+    report = json.loads(run("purge_preserved", "--older-than=0", "--tenant=acme", "--dry-run")[0])
+    assert report["dry_run"] and report["tables"] == len(set(preserved)) and set(preserved) <= rm_tables()
+
+    report = json.loads(run("purge_preserved", "--older-than=0", "--tenant=acme")[0])
+
+    assert report["tables"] == len(set(preserved)) and report["purged"][0]["environment"] == "staging"
+    assert not set(preserved) & rm_tables()
+    assert not Preservation.objects.filter(release__release_id=dropped_id, purged_at__isnull=True).exists()
+    code, _, err = refused("release_rollback", "--tenant=acme", f"--release={dropped_id}")
+    assert code == 1 and err.startswith("error: rollback_blocked:")
+    with pytest.raises(CommandError) as error:
+        run("purge_preserved", "--older-than=-1")
+    assert error.value.returncode == 2

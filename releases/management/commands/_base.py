@@ -7,6 +7,7 @@ on stderr and exits 1; bad arguments raise CommandError with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -40,8 +41,11 @@ class ServiceCommand(BaseCommand):
     """A command that calls services and turns their refusals into `error: ...` and exit code 1."""
 
     def execute(self, *args, **options):
+        # stdout is for the command's result (JSON a script reads). Anything else the services
+        # print there (the console e-mail backend, stray prints) goes to stderr instead.
         try:
-            return super().execute(*args, **options)
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().execute(*args, **options)
         except ApiError as exc:
             self._refuse(exc.code, exc.message, exc.details)
         except Refused as exc:
