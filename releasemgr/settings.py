@@ -127,6 +127,7 @@ if not isinstance(FEATURE_FLAGS, dict):
     raise ImproperlyConfigured("FEATURE_FLAGS must be a JSON object")
 BACKUP_DIR = Path(env.str("BACKUP_DIR", default=str(VAR_DIR / "backups")))
 HEALTH_TENANT = env.str("HEALTH_TENANT", default="primary")
+HEALTH_BROKER_TIMEOUT_SECONDS = env.float("HEALTH_BROKER_TIMEOUT_SECONDS", default=2.0)
 RELEASE_MAX_CHANGES = env.int("RELEASE_MAX_CHANGES", default=500)
 RELEASE_MAX_BODY_BYTES = env.int("RELEASE_MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = RELEASE_MAX_BODY_BYTES
@@ -207,7 +208,7 @@ if IS_PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SECURE_CONTENT_TYPE_NOSNIFF = True
     SECURE_REFERRER_POLICY = "same-origin"
-    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^metrics$"]
+    SECURE_REDIRECT_EXEMPT = [r"^health/?$", r"^metrics/?$"]
 
 # One JSON line per event on stderr (LOG_FORMAT=plain for a human-readable console), with the
 # request id attached and secrets scrubbed; Django's own loggers go through the same handler.

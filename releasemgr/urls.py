@@ -3,10 +3,12 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 
+from .health import HealthView
 from .metrics_view import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    re_path(r"^health/?$", HealthView.as_view(), name="health"),
     re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("api/tools/", include("tools.urls")),
     path("api/", include("releases.api.urls")),
