@@ -513,6 +513,14 @@ def _begin(release: Release, *, status_from: str, status_to: str, user: Abstract
     return owner
 
 
+def _dispatch(task, *args) -> None:
+    """In-process mode runs the task now; with a broker it is queued once the lease is committed."""
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        task.apply(args=args)
+    else:
+        transaction.on_commit(lambda: task.delay(*args))
+
+
 def _wait_for(release: Release, *, statuses: Iterable[str], wait_seconds: float | None) -> Release:
     release.refresh_from_db()
     if wait_seconds:
@@ -561,9 +569,7 @@ def release_promote(
 
     owner = _begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=user)
     actor_pk = user.pk if user is not None else None
-    transaction.on_commit(lambda: tasks.promote_task.delay(release.pk, owner, actor_pk))
-    if transaction.get_connection().in_atomic_block:
-        return release
+    _dispatch(tasks.promote_task, release.pk, owner, actor_pk)
     return _wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
 
 
@@ -831,9 +837,7 @@ def release_rollback(
         release, status_from=ReleaseStatus.PROMOTED, status_to=ReleaseStatus.ROLLING_BACK, user=user
     )
     actor_pk = user.pk if user is not None else None
-    transaction.on_commit(lambda: tasks.rollback_task.delay(release.pk, owner, actor_pk))
-    if transaction.get_connection().in_atomic_block:
-        return release
+    _dispatch(tasks.rollback_task, release.pk, owner, actor_pk)
     release = _wait_for(release, statuses=[ReleaseStatus.ROLLING_BACK], wait_seconds=wait_seconds)
     if release.status == ReleaseStatus.PROMOTED and release.error_code and settings.CELERY_TASK_ALWAYS_EAGER:
         raise Conflict(
