@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from django.contrib.auth import get_user_model
 from django.core import mail
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rest_framework import serializers
 
 from tenants.models import Role
@@ -388,3 +390,47 @@ def test_run_tool__system_caller_without_user__allowed(setup):
     result = run_tool("email.send", EMAIL_ARGS, tenant=setup.tenant, dry_run=True)
     assert result.ok is True
     assert only_transcript().user_id is None
+
+
+# --- redaction, property-based -------------------------------------------------------------------
+
+_SECRET_KEYS = ["password", "DATABASE_URL", "approve_url", "apiKey", "refresh_token", "client_secret", "dsn"]
+_PLAIN_KEYS = ["to", "status", "release_id", "table", "columns", "payload", "note", "count"]
+
+
+@st.composite
+def _documents(draw, depth=0):
+    """Nested objects whose secret-keyed values (and credentials in URLs) carry a SECRET marker."""
+    items = {}
+    for _ in range(draw(st.integers(0, 4))):
+        if draw(st.booleans()):
+            key = draw(st.sampled_from(_SECRET_KEYS))
+            items[key] = draw(
+                st.one_of(
+                    st.just("SECRET-plain"),
+                    st.just({"nested": "SECRET-in-object"}),
+                    st.just(["SECRET-in-list"]),
+                )
+            )
+        else:
+            key = draw(st.sampled_from(_PLAIN_KEYS))
+            if depth < 3 and draw(st.booleans()):
+                items[key] = draw(_documents(depth=depth + 1))
+            else:
+                items[key] = draw(
+                    st.one_of(
+                        st.integers(),
+                        st.text(alphabet="abc xyz", max_size=10),
+                        st.just("postgres://SECRETuser:SECRETpw@SECRET-host.example:5432/db"),
+                        st.lists(st.just("see mysql://SECRETu:SECRETp@SECRET-h/x"), max_size=2),
+                    )
+                )
+    return items
+
+
+@settings(max_examples=200, deadline=None)
+@given(_documents())
+def test_redact__any_document__no_secret_marker_survives(document):
+    import json
+
+    assert "SECRET" not in json.dumps(redact(document))

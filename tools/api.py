@@ -18,6 +18,7 @@ from tenants.models import Stage
 from tenants.selectors import environment_get
 
 from .kernel import ToolCall, ToolContext, ToolResult, tool_kernel
+from .redaction import jsonable
 from .registry import flatten_errors
 
 # Tool-level failures that are refusals of the call itself, rendered as the API's error envelope.
@@ -146,7 +147,7 @@ class ToolExecuteView(APIView):
         return success(
             {
                 "ok": result.ok,
-                "data": result.data,
+                "data": jsonable(result.data),
                 "error": result.error,
                 "transcript_id": result.transcript_id,
             }

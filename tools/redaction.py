@@ -78,3 +78,25 @@ def to_json_safe(value: Any) -> Any:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return str(value)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (for API responses): bytes as base64, other objects as str()."""
+
+    def fallback(obj: Any) -> Any:
+        if isinstance(obj, bytes | bytearray | memoryview):
+            import base64
+
+            return base64.b64encode(bytes(obj)).decode()
+        if isinstance(obj, set | frozenset | tuple):
+            return list(obj)
+        return str(obj)
+
+    class _Encoder(DjangoJSONEncoder):
+        def default(self, obj: Any) -> Any:
+            try:
+                return super().default(obj)
+            except TypeError:
+                return fallback(obj)
+
+    return json.loads(json.dumps(value, cls=_Encoder))
