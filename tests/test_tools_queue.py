@@ -186,3 +186,76 @@ def test_queue_enqueue__post_deployment_task_for_release__runs_and_records(setup
     assert result.data["task"] == "releases.tasks.post_deployment_task"
     release.refresh_from_db()
     assert release.post_deploy_result == {}
+
+
+# --- a real broker -----------------------------------------------------------------------------------
+
+BROKER_SCRIPT = r"""
+import json, os, sys
+import django
+
+django.setup()
+from django.conf import settings
+from releasemgr.celery import app
+from tools.handlers.queue_enqueue import Job, handle, register_job
+from tools.kernel import ToolCall
+
+assert not app.conf.task_always_eager, "the broker must be real in this process"
+queue = sys.argv[1]
+settings.TOOL_QUEUES = [queue]
+
+
+@app.task(name="tests.remote_probe")
+def remote_probe(number):
+    return number
+
+
+register_job(Job(name="remote_probe", task="tests.remote_probe", build_kwargs=lambda payload, ctx: {"number": payload["n"]}))
+data = handle({"queue": queue, "job": "remote_probe", "payload": {"n": 7}}, None, call=ToolCall("c", "queue.enqueue"), dry_run=False)
+print(json.dumps(data))
+"""
+
+
+@pytest.mark.redis
+def test_queue_enqueue__redis_broker__message_published_with_the_returned_task_id(redis_url, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import redis
+    from django.conf import settings
+
+    queue = f"rm_tools_test_{uuid.uuid4().hex[:10]}"
+    script = tmp_path / "enqueue.py"
+    script.write_text(BROKER_SCRIPT)
+    environment = {
+        **os.environ,
+        "CELERY_BROKER_URL": redis_url,
+        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
+        "PYTHONPATH": str(settings.BASE_DIR),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'control.sqlite3'}",
+    }
+    client = redis.Redis.from_url(redis_url)
+    try:
+        completed = subprocess.run(
+            [sys.executable, str(script), queue],
+            env=environment,
+            cwd=settings.BASE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        data = json.loads(completed.stdout.strip().splitlines()[-1])
+        assert data["enqueued"] is True and data["sent"] == "now"
+        messages = client.lrange(queue, 0, -1)
+        assert len(messages) == 1
+        message = json.loads(messages[0])
+        assert message["headers"]["id"] == data["task_id"]
+        assert message["headers"]["task"] == "tests.remote_probe"
+        assert message["properties"]["delivery_info"]["routing_key"] == queue
+    finally:
+        client.delete(queue)
+        client.close()
