@@ -284,3 +284,18 @@ def test_transcript_admin__staff_without_membership__no_access(client):
     stranger = user_ensure(username="stranger")
     client.force_login(stranger)
     assert client.get("/admin/tools/tooltranscript/").status_code == 403
+
+
+def test_execute_api__same_idempotency_key__tool_runs_once_answer_replayed(setup):
+    client = setup.client()
+    body = {**EMAIL_CALL, "dry_run": False}
+    first = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="mail-once-1")
+    second = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="mail-once-1")
+    assert first.status_code == second.status_code == 200
+    assert second.json() == first.json()
+    assert second["Idempotent-Replayed"] == "true"
+    assert len(mail.outbox) == 1
+    assert ToolTranscript.objects.count() == 1
+    reused = client.post(URL, {**body, "id": "other"}, format="json", HTTP_IDEMPOTENCY_KEY="mail-once-1")
+    assert reused.status_code == 409
+    assert len(mail.outbox) == 1

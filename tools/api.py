@@ -8,10 +8,11 @@ from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializ
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from releasemgr.api import ApiError, Forbidden, NotFound, ValidationFailed, success
+from releasemgr.idempotency import idempotent
+from releasemgr.throttling import TenantScopedRateThrottle
 from releases.selectors import release_get
 from tenants.auth import IsTenantAdmin
 from tenants.models import Stage
@@ -70,10 +71,12 @@ class ToolExecuteView(APIView):
       executor applies: from here it would bypass approvals), also with `details.transcript_id`.
     - 401 without a token, 403 for another tenant's token or a role below admin, 404 for a
       `release_id` or `environment` the tenant does not have (these before any call is made).
+
+    `Idempotency-Key` is honoured: a retry gets the first answer and the tool does not run twice.
     """
 
     permission_classes = [IsTenantAdmin]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [TenantScopedRateThrottle]
     throttle_scope = "tools"
 
     @extend_schema(
@@ -112,6 +115,7 @@ class ToolExecuteView(APIView):
             )
         ],
     )
+    @idempotent
     def post(self, request: Request) -> Response:
         if not isinstance(request.data, dict):
             raise ValidationFailed(
