@@ -179,7 +179,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["releasemgr.api.LimitedJSONParser", "releasemgr.api.AnyContentJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "releasemgr.api.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "releasemgr.schema.AutoSchema",
     "UNAUTHENTICATED_USER": None,
     "DEFAULT_THROTTLE_RATES": {
         "releases": env.str("THROTTLE_RELEASES", default="120/min"),
@@ -195,6 +195,17 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # The schema and its docs are public (they hold no secrets); the docs load nothing from a CDN
+    # (sidecar assets under STATIC_URL) and Swagger UI's online validator badge is off.
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": True, "validatorUrl": None},
+    "PREPROCESSING_HOOKS": ["releasemgr.schema.guide_paths"],
+    "ENUM_NAME_OVERRIDES": {
+        "StageEnum": "tenants.models.Stage",
+        "ReleaseStatusEnum": "releases.models.ReleaseStatus",
+        "RunEnvironmentEnum": ["development", "staging", "production"],
+        "HealthStatusEnum": ["ok", "degraded", "unavailable"],
+    },
 }
 
 # --- Production hardening ---------------------------------------------------------------

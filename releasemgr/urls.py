@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from .health import HealthView
 from .metrics_view import metrics_view
@@ -10,6 +11,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     re_path(r"^health/?$", HealthView.as_view(), name="health"),
     re_path(r"^metrics/?$", metrics_view, name="metrics"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/tools/", include("tools.urls")),
     path("api/", include("releases.api.urls")),
     path("approvals/", include("releases.urls")),

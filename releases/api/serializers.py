@@ -9,7 +9,7 @@ from rest_framework import serializers
 
 from tenants.models import Stage
 
-from ..models import Release
+from ..models import Release, ReleaseStatus
 
 
 def iso(value: datetime | None) -> str | None:
@@ -117,3 +117,130 @@ def release_manifest(release: Release) -> dict[str, Any]:
         }
     )
     return data
+
+
+# --- Output shapes, for the OpenAPI schema only: the views render the dicts above ----------------
+
+
+class ReleaseSummaryOutput(serializers.Serializer):
+    """A release without SQL (list entries)."""
+
+    id = serializers.CharField(help_text="Same as release_id.")
+    release_id = serializers.CharField(help_text="rel_YYYYMMDD_hhmm in UTC, _2, _3... when taken.")
+    status = serializers.ChoiceField(choices=ReleaseStatus.choices)
+    from_env = serializers.ChoiceField(choices=Stage.values)
+    to_env = serializers.ChoiceField(choices=Stage.values)
+    bundle_sha256 = serializers.CharField(help_text="SHA-256 of the canonical JSON of `bundle`.")
+    created_by = serializers.CharField(allow_null=True, help_text="The username.")
+    created_at = serializers.DateTimeField()
+    promoted_at = serializers.DateTimeField(allow_null=True)
+    failed_at = serializers.DateTimeField(allow_null=True)
+    rolled_back_at = serializers.DateTimeField(allow_null=True)
+    error_message = serializers.CharField(allow_null=True)
+
+
+class DryRunResultOutput(serializers.Serializer):
+    ok = serializers.BooleanField()
+    duration_ms = serializers.FloatField()
+    statements = serializers.IntegerField(help_text="How many statements ran.")
+    error = serializers.CharField(allow_null=True)
+
+
+class MigrationOutput(serializers.Serializer):
+    position = serializers.IntegerField()
+    operation = serializers.CharField(help_text="create_table, add_column, drop_column, modify_column, ...")
+    table = serializers.CharField()
+    sql = serializers.CharField(help_text="Forward SQL in the target's dialect.")
+    rollback_sql = serializers.CharField()
+    dry_run_result = DryRunResultOutput()
+
+
+class LintFindingOutput(serializers.Serializer):
+    rule = serializers.CharField(help_text="A Squawk-style rule id, e.g. adding-not-nullable-field.")
+    severity = serializers.ChoiceField(choices=["error", "warning"])
+    change = serializers.IntegerField(help_text="Index of the change in the bundle.")
+    message = serializers.CharField()
+    safe_alternative = serializers.CharField()
+
+
+class DryRunSummaryOutput(serializers.Serializer):
+    forward_ok = serializers.BooleanField()
+    rollback_verified = serializers.BooleanField()
+    fingerprint_before = serializers.CharField()
+    fingerprint_after = serializers.CharField()
+    error = serializers.CharField(allow_null=True)
+
+
+class ApprovalsMissingOutput(serializers.Serializer):
+    approvals_required = serializers.IntegerField()
+    approved = serializers.IntegerField()
+    rejected = serializers.IntegerField()
+
+
+class ApprovalOutput(serializers.Serializer):
+    approver = serializers.CharField()
+    decision = serializers.ChoiceField(choices=["approved", "rejected"])
+    bundle_sha256 = serializers.CharField()
+    valid = serializers.BooleanField(help_text="Bound to the release's current bundle and SQL.")
+    via = serializers.ChoiceField(choices=["admin", "api", "email"])
+    comment = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+
+
+class BackupOutput(serializers.Serializer):
+    format = serializers.CharField(help_text="pg_dump-custom or sqlite")
+    file = serializers.CharField(allow_null=True, help_text="The file name (never the directory).")
+    tables = serializers.ListField(child=serializers.CharField())
+    size_bytes = serializers.IntegerField()
+    sha256 = serializers.CharField(allow_null=True)
+    verified = serializers.BooleanField()
+    note = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+
+
+class ReleaseManifestOutput(ReleaseSummaryOutput):
+    """The guide's manifest plus bundle, SQL, lint, dry-run, approvals, backups and flags."""
+
+    bundle = serializers.JSONField(help_text='{"database": {"changes": [...]}, "feature_flags": {...}}')
+    bundle_computed = serializers.BooleanField(help_text="Computed as the difference from_env minus to_env.")
+    sql_sha256 = serializers.CharField()
+    migrations = MigrationOutput(many=True)
+    feature_flags = serializers.DictField(child=serializers.JSONField())
+    tools_transcript_ids = serializers.ListField(child=serializers.CharField())
+    error_code = serializers.CharField(allow_null=True)
+    lint = LintFindingOutput(many=True)
+    allow_unsafe = serializers.ListField(child=serializers.CharField())
+    unsafe_reason = serializers.CharField(allow_null=True)
+    unsafe_rules_blocking = serializers.ListField(child=serializers.CharField())
+    dry_run = DryRunSummaryOutput()
+    approvals_required = serializers.IntegerField()
+    approvals_missing = ApprovalsMissingOutput(allow_null=True)
+    approvals = ApprovalOutput(many=True)
+    backups = BackupOutput(many=True)
+    flag_changes = serializers.DictField(
+        child=serializers.JSONField(), help_text="name -> {before, after, existed}, once applied."
+    )
+    post_deploy = serializers.JSONField(allow_null=True, help_text="The post-deployment check's result.")
+
+
+class RollbackManifestOutput(ReleaseManifestOutput):
+    rolled_back = serializers.BooleanField(help_text="True when the release is now rolled_back.")
+
+
+class ReleasePageOutput(serializers.Serializer):
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = ReleaseSummaryOutput(many=True)
+
+
+class EnvironmentOutput(serializers.Serializer):
+    name = serializers.ChoiceField(choices=Stage.values)
+    live_release = serializers.CharField(allow_null=True)
+    schema_fingerprint = serializers.CharField(allow_null=True)
+    feature_flags = serializers.DictField(child=serializers.JSONField())
+    approvals_required = serializers.IntegerField()
+    allow_self_approval = serializers.BooleanField()
+    busy = serializers.BooleanField(help_text="A promote or rollback holds the environment's lease.")
+    reachable = serializers.BooleanField()
+    error = serializers.CharField(required=False, help_text="Why the target could not be reached (scrubbed).")

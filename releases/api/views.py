@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from releasemgr.api import ValidationFailed, success
+from releasemgr.idempotency import idempotent
+from releasemgr.schema import RELEASE_ID_PATH, envelope, error_responses
+from releasemgr.throttling import TenantScopedRateThrottle
 from tenants.auth import IsTenantAdmin, IsTenantApprover, IsTenantMember
 from tenants.selectors import environment_list, flags_of
 
 from .. import engine, selectors, services
 from ..models import ApprovalDecision, ReleaseStatus
-from .serializers import DecisionInput, PrepareInput, ReleaseRefInput, release_manifest, release_summary
+from .serializers import (
+    DecisionInput,
+    EnvironmentOutput,
+    PrepareInput,
+    ReleaseManifestOutput,
+    ReleasePageOutput,
+    ReleaseRefInput,
+    RollbackManifestOutput,
+    release_manifest,
+    release_summary,
+)
 
 
 def _validated(serializer_class, request: Request) -> dict:
@@ -27,7 +40,7 @@ def _validated(serializer_class, request: Request) -> dict:
 
 
 class ReleaseAPIView(APIView):
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [TenantScopedRateThrottle]
     throttle_scope = "releases"
     permission_classes = [IsTenantAdmin]
 
@@ -35,6 +48,21 @@ class ReleaseAPIView(APIView):
 class PrepareView(ReleaseAPIView):
     """Plan, lint and dry-run a bundle against to_env; 201 with the manifest."""
 
+    @extend_schema(
+        operation_id="release_prepare",
+        tags=["releases"],
+        summary="Prepare a release",
+        request=PrepareInput,
+        responses={
+            201: OpenApiResponse(
+                envelope(ReleaseManifestOutput),
+                description="The manifest: status `prepared`, or `failed` with `error_message` when the "
+                "dry-run failed. Without `bundle_data` the bundle is computed as from_env minus to_env.",
+            ),
+            **error_responses(404, 409),
+        },
+    )
+    @idempotent
     def post(self, request: Request) -> Response:
         data = _validated(PrepareInput, request)
         release = services.release_prepare(
@@ -59,6 +87,25 @@ def _in_flight_response(release, final_statuses) -> Response:
 class PromoteView(ReleaseAPIView):
     """Promote a prepared release: 200 with the final manifest, or 202 while a worker runs it."""
 
+    @extend_schema(
+        operation_id="release_promote",
+        tags=["releases"],
+        summary="Promote a prepared release",
+        request=ReleaseRefInput,
+        responses={
+            200: OpenApiResponse(
+                envelope(ReleaseManifestOutput),
+                description="The final manifest (`promoted`, or `failed` with `error_message`): the task ran "
+                "in-process, or within `wait_seconds`.",
+            ),
+            202: OpenApiResponse(
+                envelope(ReleaseManifestOutput),
+                description="`promoting`: a worker runs it; poll GET /releases/{id}.",
+            ),
+            **error_responses(404, 409, 422),
+        },
+    )
+    @idempotent
     def post(self, request: Request) -> Response:
         data = _validated(ReleaseRefInput, request)
         release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
@@ -71,6 +118,23 @@ class PromoteView(ReleaseAPIView):
 class RollbackView(ReleaseAPIView):
     """Roll back the latest live release of an environment, or settle a failed one."""
 
+    @extend_schema(
+        operation_id="release_rollback",
+        tags=["releases"],
+        summary="Roll back a release",
+        request=ReleaseRefInput,
+        responses={
+            200: OpenApiResponse(
+                envelope(RollbackManifestOutput),
+                description="The final manifest; `rolled_back` says whether it is.",
+            ),
+            202: OpenApiResponse(
+                envelope(RollbackManifestOutput), description="`rolling_back`: a worker runs it."
+            ),
+            **error_responses(404, 409),
+        },
+    )
+    @idempotent
     def post(self, request: Request) -> Response:
         data = _validated(ReleaseRefInput, request)
         release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
@@ -108,9 +172,25 @@ class ReleaseListView(APIView):
     """Releases of the tenant, newest first, filtered by status and to_env."""
 
     permission_classes = [IsTenantMember]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [TenantScopedRateThrottle]
     throttle_scope = "releases"
 
+    @extend_schema(
+        operation_id="release_list",
+        tags=["releases"],
+        summary="List releases",
+        parameters=[
+            OpenApiParameter(
+                "status", str, enum=ReleaseStatus.values, description="Only releases in this status."
+            ),
+            OpenApiParameter(
+                "to_env", str, enum=["dev", "staging", "prod"], description="Only releases to it."
+            ),
+            OpenApiParameter("page", int, description="Page number, from 1."),
+            OpenApiParameter("page_size", int, description="Results per page (default 50, at most 200)."),
+        ],
+        responses={200: envelope(ReleasePageOutput), **error_responses(404)},
+    )
     def get(self, request: Request) -> Response:
         releases = selectors.release_list(
             tenant=request.tenant,
@@ -126,7 +206,16 @@ class ReleaseDetailView(APIView):
     """The manifest of one release."""
 
     permission_classes = [IsTenantMember]
+    throttle_classes = [TenantScopedRateThrottle]
+    throttle_scope = "releases"
 
+    @extend_schema(
+        operation_id="release_get",
+        tags=["releases"],
+        summary="Get a release's manifest",
+        parameters=[RELEASE_ID_PATH],
+        responses={200: envelope(ReleaseManifestOutput), **error_responses(404)},
+    )
     def get(self, request: Request, release_id: str) -> Response:
         release = selectors.release_get(tenant=request.tenant, release_id=release_id)
         return success(release_manifest(release))
@@ -134,10 +223,22 @@ class ReleaseDetailView(APIView):
 
 class _DecisionView(APIView):
     permission_classes = [IsTenantApprover]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [TenantScopedRateThrottle]
     throttle_scope = "releases"
     decision = ApprovalDecision.APPROVED
 
+    @extend_schema(
+        tags=["approvals"],
+        request=DecisionInput,
+        parameters=[RELEASE_ID_PATH],
+        responses={
+            200: OpenApiResponse(
+                envelope(ReleaseManifestOutput), description="The manifest with the decision."
+            ),
+            **error_responses(404, 409),
+        },
+    )
+    @idempotent
     def post(self, request: Request, release_id: str) -> Response:
         data = _validated(DecisionInput, request)
         release = selectors.release_get(tenant=request.tenant, release_id=release_id)
@@ -152,12 +253,14 @@ class _DecisionView(APIView):
         return success(release_manifest(release))
 
 
+@extend_schema_view(post=extend_schema(operation_id="release_approve", summary="Approve a release"))
 class ApproveView(_DecisionView):
     """Approve a prepared release (approver or admin role)."""
 
     decision = ApprovalDecision.APPROVED
 
 
+@extend_schema_view(post=extend_schema(operation_id="release_reject", summary="Reject a release"))
 class RejectView(_DecisionView):
     """Reject a prepared release; a rejection blocks its promotion."""
 
@@ -169,6 +272,12 @@ class EnvironmentListView(APIView):
 
     permission_classes = [IsTenantMember]
 
+    @extend_schema(
+        operation_id="environment_list",
+        tags=["environments"],
+        summary="List the tenant's environments",
+        responses={200: envelope(EnvironmentOutput, many=True)},
+    )
     def get(self, request: Request) -> Response:
         results = []
         for environment in environment_list(tenant=request.tenant):
