@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -34,6 +35,17 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 200
 _KEY_PATTERN = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}$")  # visible ASCII, no spaces
+OPENAPI_PARAMETER = OpenApiParameter(
+    name=HEADER,
+    type=str,
+    location=OpenApiParameter.HEADER,
+    required=False,
+    pattern=_KEY_PATTERN.pattern,
+    description="Optional, 1 to 200 visible ASCII characters, scoped to the tenant and user: a retry with "
+    "the same key and body gets the first response (header Idempotent-Replayed: true) and runs nothing "
+    "twice; the same key with another request, or while the first is in progress, is a 409 `conflict`. "
+    "Keys expire after 24 h.",
+)
 # Refusals a client is told to retry: storing them would make the retry fail forever.
 TRANSIENT_ERROR_CODES = frozenset({"environment_busy", "rate_limited"})
 
@@ -148,4 +160,4 @@ def idempotent(handler):
         )
         return response
 
-    return wrapper
+    return extend_schema(parameters=[OPENAPI_PARAMETER])(wrapper)
