@@ -209,9 +209,12 @@ class ChangeRunner:
         table, column = change["table"], change["column"]
         columns, native = self.live(table)
         after = [*columns, (column["name"], _portable(column))]
+        # As migrations do: the model as it is now, the field as it will be (a model that already has
+        # the column would make SQLite's rebuild copy "column" from a table that lacks it).
+        from_model = self.model(table, columns, native)
         to_model = self.model(table, after, native)
         with self.editor() as editor:
-            editor.add_field(to_model, to_model._meta.get_field(field_attribute(column["name"])))
+            editor.add_field(from_model, to_model._meta.get_field(field_attribute(column["name"])))
 
     def rollback_add_column(self, change: dict, position: int, state: dict) -> None:
         table, name = change["table"], change["column"]["name"]
@@ -245,7 +248,9 @@ class ChangeRunner:
         relaxed_columns = [*columns, (name, relaxed)]
         relaxed_model = self.model(table, relaxed_columns, native)
         with self.editor() as editor:
-            editor.add_field(relaxed_model, relaxed_model._meta.get_field(field_attribute(name)))
+            editor.add_field(
+                self.model(table, columns, native), relaxed_model._meta.get_field(field_attribute(name))
+            )
         self.fill_from(table, preservation_name(self.release_id, position, "forward"), state["key"], name)
         if not original["nullable"] or original["unique"]:
             final_model = self.model(table, [*columns, (name, original)], native)
