@@ -299,3 +299,18 @@ def test_execute_api__same_idempotency_key__tool_runs_once_answer_replayed(setup
     reused = client.post(URL, {**body, "id": "other"}, format="json", HTTP_IDEMPOTENCY_KEY="mail-once-1")
     assert reused.status_code == 409
     assert len(mail.outbox) == 1
+
+
+def test_execute_api__over_the_tools_rate__429_rate_limited(setup, settings):
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"releases": "100/min", "tools": "2/min"},
+    }
+    client = setup.client()
+    statuses = [client.post(URL, EMAIL_CALL, format="json").status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert ToolTranscript.objects.count() == 2
+    cache.clear()
