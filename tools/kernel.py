@@ -86,6 +86,8 @@ class ToolKernel:
         transcript_id = new_transcript_id()
         call_id = str(call.id) if call.id not in (None, "") else new_call_id()
         dry_run = bool(ctx.dry_run)
+        if isinstance(call.args, dict) and isinstance(call.args.get("dry_run"), bool):
+            dry_run = call.args["dry_run"]  # what the call asked for, even if it is refused
         data: Any = None
         error: str | None = None
         error_code: str | None = None
