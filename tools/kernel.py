@@ -3,7 +3,11 @@
     result = tool_kernel.execute(ToolCall(id="mig_1", tool="db.migrate", args={...}), ToolContext(tenant=t))
 
 `execute` never raises for a bad call: it returns `ToolResult(ok=False, error=..., error_code=...)`
-and stores a `ToolTranscript` for every call, failed ones included.
+and stores a `ToolTranscript` for every call, failed ones included. Order of checks: the tool must
+exist, the environment and release must be the tenant's, the caller's role must suffice (before
+the arguments are looked at, so a caller without the role learns nothing from validation), the
+arguments must validate; then the handler runs. Handler exceptions are recorded with their
+message scrubbed of hosts, users and passwords, never a traceback.
 """
 
 from __future__ import annotations
