@@ -160,8 +160,13 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Longer than the longest allowed promote (statement_timeout 15 min plus backup).
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * 3600}
+# visibility_timeout: longer than the longest allowed promote (statement_timeout 15 min plus backup).
+# CELERY_KEY_PREFIX namespaces every broker key, so several deployments (or test runs) can share
+# one Redis without taking each other's tasks.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 2 * 3600,
+    "global_keyprefix": env.str("CELERY_KEY_PREFIX", default=""),
+}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
     "release-reconcile": {"task": "releases.tasks.reconcile_task", "schedule": 300.0},
