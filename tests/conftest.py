@@ -93,3 +93,12 @@ def database_factory(request):
 def redis_url() -> str:
     require_service("Redis", "127.0.0.1", 6379)
     return REDIS_URL
+
+
+@pytest.fixture(autouse=True)
+def _fresh_throttle_counts():
+    """Throttle counts live in the cache, keyed by tenant and user pks that tests reuse: start each test at zero."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
