@@ -384,3 +384,38 @@ def test_plan__postgresql_drop_with_dependent_view__fails_instead_of_cascading(p
     assert result.forward_ok is False
     assert "depend" in result.changes[0]["dry_run_result"]["error"]
     assert snapshot(url) == before
+
+
+def test_plan__sqlite_rebuild_of_table_with_plain_index__index_kept_and_rollback_verified(
+    sqlite_database_factory,
+):
+    url = sqlite_database_factory()
+    seed_people(url, [("a@example.com", "red"), ("b@example.com", "blue")])
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute('CREATE INDEX "people_team_idx" ON "people" ("team", "email")')
+    changes = changes_of(
+        {"type": "modify_column", "table": "people", "column": {"name": "team", "max_length": 40}}
+    )
+    result = apply_plan(url, changes, "rel_indexed")
+    assert "CREATE TABLE" in result.changes[0]["sql"]  # SQLite rebuilt the table
+    with open_target(url) as target:
+        schema = introspect(target)
+        with target.connection.cursor() as cursor:
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = 'people_team_idx'")
+            assert cursor.fetchone()[0] == 'CREATE INDEX "people_team_idx" ON "people" ("team", "email")'
+    assert schema["tables"]["people"]["columns"]["team"]["max_length"] == 40
+    assert schema["native"]["people"]["indexes"] == [
+        {"name": "people_team_idx", "columns": ["team", "email"]}
+    ]
+
+
+def test_plan__postgresql_drop_table_with_extra_index__unsupported_table(pg_database_factory):
+    url = pg_database_factory()
+    seed_people(url, [("a@example.com", "red")])
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute('CREATE INDEX "people_team_lower" ON "people" (lower("team"))')
+    before = snapshot(url)
+    with open_target(url) as target, pytest.raises(PlanError) as info:
+        plan(target, changes_of({"type": "drop_table", "table": "people"}), release_id="rel_drop_indexed")
+    assert info.value.code == "unsupported_table" and "people_team_lower" in info.value.message
+    assert snapshot(url) == before
