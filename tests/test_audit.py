@@ -63,6 +63,7 @@ def prepare(client, bundle: dict, request_id: str) -> dict:
     return response.json()["data"]
 
 
+@pytest.mark.django_db(transaction=True)
 def test_audit__release_lifecycle_over_the_api__events_name_actor_tenant_release_address_request_time(setup):
     tenant, urls, clients = setup
     admin, approver = clients["admin"], clients["approver"]
@@ -122,6 +123,7 @@ def test_audit__release_lifecycle_over_the_api__events_name_actor_tenant_release
         assert url.removeprefix("sqlite:///") not in text
 
 
+@pytest.mark.django_db(transaction=True)
 def test_audit__promotion_fails_on_drift__release_failed_event_with_phase_and_code(setup):
     tenant, urls, clients = setup
     release = prepare(clients["admin"], widgets_bundle(), "req-drift")

@@ -115,7 +115,7 @@ def test_logging__django_request_warning__json_with_request_id(console_lines):
     assert not_found["request_id"] == "req-logging-404"
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_logging__release_prepare_and_promote__lines_name_release_tenant_and_request(
     console_lines, sqlite_database_factory
 ):

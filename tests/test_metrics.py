@@ -124,6 +124,7 @@ def test_metrics__histogram_observed_in_another_process__summed_on_scrape():
     assert value(found, "release_promote_seconds_bucket", tenant=slug, environment="prod", le="1.0") == 2
 
 
+@pytest.mark.django_db(transaction=True)
 def test_metrics__prepare_promote_rollback_over_the_api__every_guide_metric_moves(sqlite_database_factory):
     slug = unique_slug()
     tenant = tenant_setup(
