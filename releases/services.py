@@ -597,13 +597,14 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
                 if _history_has(target, release, "promote"):
                     _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
                     return
+                changes = _approved_changes(release)
                 _backup(release, environment)
                 result = engine.apply(
                     target,
                     release_pk=release.pk,
                     release_id=release.release_id,
                     bundle_sha256=release.bundle_sha256,
-                    changes=_recorded_changes(release),
+                    changes=changes,
                     expected_native_before=release.native_fingerprint_before,
                     expected_fingerprint_after=release.fingerprint_after,
                     lock_timeout_ms=environment.apply_lock_timeout_ms,
@@ -671,6 +672,17 @@ def _recorded_changes(release: Release) -> list[dict]:
         }
         for migration in release.migrations.order_by("position")
     ]
+
+
+def _approved_changes(release: Release) -> list[dict]:
+    """The recorded statements, provided they are the ones prepared and approved (`sql_sha256`)."""
+    changes = _recorded_changes(release)
+    if engine.statements_sha256(changes) != release.sql_sha256:
+        raise engine.EngineError(
+            "schema_drift",
+            "the recorded statements differ from the ones prepared and approved (sql_sha256); nothing was run",
+        )
+    return changes
 
 
 def _backup(release: Release, environment: Environment) -> Backup:
@@ -871,7 +883,7 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
                     release_pk=release.pk,
                     release_id=release.release_id,
                     bundle_sha256=release.bundle_sha256,
-                    changes=_recorded_changes(release),
+                    changes=_approved_changes(release),
                     expected_native_after=release.native_fingerprint_after,
                     expected_fingerprint_before=release.fingerprint_before,
                     lock_timeout_ms=environment.apply_lock_timeout_ms,
