@@ -694,7 +694,12 @@ def _backup(release: Release, environment: Environment) -> Backup:
         }
     )
     dest = settings.BACKUP_DIR / environment.tenant.slug / environment.stage
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # the server's paths are not the API client's business: say which setting
+        raise engine.BackupError(
+            f"The backup directory (BACKUP_DIR) cannot be used: {exc.strerror or type(exc).__name__}."
+        ) from None
     info = engine.backup(environment.database_url, tables, dest, label=f"{release.release_id}_{release.pk}")
     if not info.verified:
         raise engine.BackupError(f"The backup could not be verified: {info.note}")
