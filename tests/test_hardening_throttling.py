@@ -1,0 +1,129 @@
+"""Throttling of the release endpoints: 429 `rate_limited` in the envelope with Retry-After."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from releases.models import Release
+from tenants.models import Role
+from tenants.services import membership_set, tenant_setup, token_issue, user_ensure
+
+pytestmark = pytest.mark.django_db
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def client_for(token: str, slug: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG=slug)
+    return client
+
+
+def rates(releases: str):
+    """Settings with another `releases` rate; the counts start from zero."""
+    cache.clear()
+    rest_framework = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "releases": releases},
+    }
+    return override_settings(REST_FRAMEWORK=rest_framework)
+
+
+@pytest.fixture
+def tenant(sqlite_database_factory):
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(slug="acme", environments=urls, admins=["acme-admin"])
+    _, token = token_issue(tenant=tenant, user=get_user_model().objects.get(username="acme-admin"))
+    return tenant, client_for(token, "acme")
+
+
+def test_list__over_the_rate__429_rate_limited_with_retry_after(tenant):
+    _, client = tenant
+    with rates("3/min"):
+        statuses = [client.get("/api/releases/").status_code for _ in range(3)]
+        response = client.get("/api/releases/")
+
+    assert statuses == [200, 200, 200]
+    assert response.status_code == 429
+    body = response.json()
+    assert body["success"] is False
+    assert body["error"]["code"] == "rate_limited" and body["error"]["message"]
+    retry_after = int(response["Retry-After"])
+    assert 1 <= retry_after <= 61
+
+
+def test_prepare__over_the_rate__429_and_nothing_prepared(tenant):
+    _, client = tenant
+    body = {"from_env": "dev", "to_env": "staging", "bundle_data": {"feature_flags": {"beta": True}}}
+    with rates("1/hour"):
+        first = client.post("/api/releases/prepare", body, format="json")
+        second = client.post("/api/releases/prepare", body, format="json")
+
+    assert first.status_code == 201, first.content
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
+    assert int(second["Retry-After"]) > 60
+    assert Release.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("get", "/api/releases/"),
+        ("get", "/api/releases/rel_20200101_0000"),
+        ("post", "/api/releases/promote"),
+        ("post", "/api/releases/rollback"),
+        ("post", "/api/releases/rel_20200101_0000/approve"),
+        ("post", "/api/releases/rel_20200101_0000/reject"),
+    ],
+)
+def test_release_endpoints__second_request_over_1_per_min__429(tenant, method, path):
+    _, client = tenant
+    send = getattr(client, method)
+    with rates("1/min"):
+        first = send(path, format="json")
+        second = send(path, format="json")
+    assert first.status_code != 429
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
+
+
+def test_rate__counted_per_tenant_and_user__others_not_limited(tenant, sqlite_database_factory):
+    tenant_obj, client = tenant
+    colleague = user_ensure(username="acme-admin-2")
+    membership_set(tenant=tenant_obj, user=colleague, role=Role.ADMIN)
+    _, colleague_token = token_issue(tenant=tenant_obj, user=colleague)
+    other_urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    other = tenant_setup(slug="other", environments=other_urls, admins=["acme-admin"])
+    _, other_token = token_issue(tenant=other, user=get_user_model().objects.get(username="acme-admin"))
+
+    with rates("2/min"):
+        assert [client.get("/api/releases/").status_code for _ in range(3)] == [200, 200, 429]
+        assert client_for(colleague_token, "acme").get("/api/releases/").status_code == 200
+        assert client_for(other_token, "other").get("/api/releases/").status_code == 200
+
+
+def test_rates__from_the_environment__in_settings():
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
+        "THROTTLE_RELEASES": "7/hour",
+        "THROTTLE_TOOLS": "9/min",
+    }
+    script = (
+        "import django; django.setup(); from rest_framework.settings import api_settings as s; "
+        "print(s.DEFAULT_THROTTLE_RATES['releases'], s.DEFAULT_THROTTLE_RATES['tools'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=BASE_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7/hour", "9/min"]
