@@ -7,6 +7,8 @@ login is needed, but a session of another user is refused.
 
 from __future__ import annotations
 
+import logging
+
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
@@ -18,6 +20,8 @@ from releasemgr.api import ApiError
 from . import links
 from .models import ApprovalDecision, Release
 from .selectors import approval_counts
+
+logger = logging.getLogger(__name__)
 
 MAX_COMMENT = 2000
 
@@ -31,7 +35,20 @@ def _page(request: HttpRequest, template: str, context: dict, status: int = 200)
 
 
 def _refused(request: HttpRequest, *, code: str, message: str, status: int) -> HttpResponse:
-    return _page(request, "approvals/link_refused.html", {"code": code, "message": message}, status=status)
+    response = _page(
+        request, "approvals/link_refused.html", {"code": code, "message": message}, status=status
+    )
+    # Django would log the request path, token included; log the refusal without it instead.
+    response._has_been_logged = True
+    release_pk = request.resolver_match.kwargs.get("release_pk") if request.resolver_match else None
+    logger.warning(
+        "approval link refused (%s, %s) for release pk %s",
+        code,
+        status,
+        release_pk,
+        extra={"status_code": status, "link_refusal": code},
+    )
+    return response
 
 
 def _release_context(release: Release, approver) -> dict:

@@ -351,3 +351,14 @@ def test_link__inactive_user__403(acme, mailoutbox):
     assert Client().get(paths["alice"]).status_code == 403
     user_ensure(username="unused")  # unrelated users change nothing
     assert nothing_decided(release)
+
+
+def test_link_refused__logs__never_carry_the_token(acme, mailoutbox, caplog):
+    release, paths = prepare(acme, mailoutbox)
+    token = paths["alice"].rstrip("/").rsplit("/", 1)[1]
+    bob = get_user_model().objects.get(username="bob")
+    with caplog.at_level("INFO"):
+        page, response = post_decision(csrf_client(bob), paths["alice"], "approved")  # still a live link
+    assert page.status_code == 403 and response.status_code == 403
+    assert any("approval link refused (other_user, 403)" in r.getMessage() for r in caplog.records)
+    assert not any(token in r.getMessage() for r in caplog.records)
