@@ -160,6 +160,8 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Workers keep LOGGING's JSON handler instead of replacing the root logger's handlers with Celery's.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # visibility_timeout: longer than the longest allowed promote (statement_timeout 15 min plus backup).
 # CELERY_KEY_PREFIX namespaces every broker key, so several deployments (or test runs) can share
 # one Redis without taking each other's tasks.

@@ -1,4 +1,5 @@
-"""/metrics in a web process shows what a real Celery worker process observed (multiprocess mode).
+"""A real Celery worker: /metrics in a web process shows what the worker observed (multiprocess
+mode), and the worker logs JSON lines naming the release, its tenant and the task.
 
 A fresh PostgreSQL control database is migrated; a worker (`celery -A releasemgr worker -P solo`)
 and a *web* subprocess (Django's test client: prepare, promote, then GET /metrics) share it, the
@@ -49,7 +50,7 @@ print(MARK + json.dumps({"pid": os.getpid(), "status": promoted["status"], "metr
 )
 
 
-def test_metrics__promotion_runs_in_a_celery_worker__web_process_scrape_shows_it(
+def test_worker__promotion_runs_in_a_celery_worker__web_scrape_shows_it_and_worker_logs_json(
     tmp_path, pg_database_factory, sqlite_database_factory, redis_url
 ):
     slug = f"mw{uuid.uuid4().hex[:8]}"
@@ -79,7 +80,7 @@ def test_metrics__promotion_runs_in_a_celery_worker__web_process_scrape_shows_it
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "releasemgr", "worker", "-P", "solo", "-l", "warning",
+            [sys.executable, "-m", "celery", "-A", "releasemgr", "worker", "-P", "solo", "-l", "info",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{prefix.rstrip(':')}@%h"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -129,3 +130,13 @@ def test_metrics__promotion_runs_in_a_celery_worker__web_process_scrape_shows_it
     assert found[("release_prepare_seconds_count", labels)] == 1
     assert found[("releases_promoted_total", labels)] == 1
     assert found[("releases_prepared_total", labels)] == 1
+
+    # The worker's own log: JSON lines through settings.LOGGING (Celery does not take over the root
+    # logger), the promotion's line carrying the release, the tenant and the task's request id.
+    entries = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{")]
+    [promoted_line] = [
+        entry for entry in entries if entry.get("tenant") == slug and entry["message"].endswith(" promoted")
+    ]
+    assert promoted_line["logger"] == "releases.services" and promoted_line["environment"] == "staging"
+    assert promoted_line["request_id"].startswith(f"celery:{worker.pid}:")
+    assert any(entry["logger"].startswith("celery") for entry in entries)
