@@ -30,6 +30,8 @@ RELEASE_ID_PATH = OpenApiParameter(
     name="release_id",
     type=OpenApiTypes.STR,
     location=OpenApiParameter.PATH,
+    # The route's own pattern (releases/api/urls.py): anything else never reaches the view.
+    pattern=r"^[A-Za-z0-9_]{1,40}$",
     description="The release id, e.g. rel_20240115_1200 (unique per tenant).",
 )
 
@@ -151,4 +153,36 @@ def guide_paths(endpoints: list[tuple], **kwargs: Any) -> list[tuple]:
         if path.endswith("/") and path != "/" and path not in COLLECTION_PATHS:
             path = path.rstrip("/")
         result.append((path, path_regex, method, callback))
+    return result
+
+
+# /metrics is a plain Django view (Prometheus text, its own token): documented by hand.
+METRICS_OPERATION = {
+    "operationId": "metrics",
+    "summary": "Prometheus metrics",
+    "description": "The guide's release counters and histograms (labels tenant, environment) in the "
+    "Prometheus text format. With METRICS_TOKEN set, send `Authorization: Bearer <METRICS_TOKEN>`.",
+    "tags": ["metrics"],
+    "security": [{"metricsToken": []}, {}],
+    "responses": {
+        "200": {
+            "description": "Prometheus text exposition format 0.0.4.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        "401": {
+            "description": "`unauthorized`: METRICS_TOKEN is set and the request does not carry it.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+        },
+    },
+}
+
+
+def metrics_path(result: dict, **kwargs: Any) -> dict:
+    """drf-spectacular postprocessing hook: add GET /metrics and its token scheme."""
+    result["paths"]["/metrics"] = {"get": METRICS_OPERATION}
+    result["components"].setdefault("securitySchemes", {})["metricsToken"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The METRICS_TOKEN setting (only when it is set).",
+    }
     return result

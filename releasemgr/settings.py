@@ -207,6 +207,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_AUTHENTICATION": [],
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": True, "validatorUrl": None},
     "PREPROCESSING_HOOKS": ["releasemgr.schema.guide_paths"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "releasemgr.schema.metrics_path",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "StageEnum": "tenants.models.Stage",
         "ReleaseStatusEnum": "releases.models.ReleaseStatus",
