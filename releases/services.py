@@ -594,7 +594,7 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
                     raise engine.EngineError(
                         "environment_busy", "Another session holds the target's release lock."
                     )
-                if _history_has(target, release, "promote"):
+                if _history_has(target, release, "forward"):
                     _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
                     return
                 changes = _approved_changes(release)
@@ -700,7 +700,13 @@ def _backup(release: Release, environment: Environment) -> Backup:
         raise engine.BackupError(
             f"The backup directory (BACKUP_DIR) cannot be used: {exc.strerror or type(exc).__name__}."
         ) from None
-    info = engine.backup(environment.database_url, tables, dest, label=f"{release.release_id}_{release.pk}")
+    info = engine.backup(
+        environment.database_url,
+        tables,
+        dest,
+        label=f"{release.release_id}_{release.pk}",
+        lock_wait_timeout_ms=environment.apply_lock_timeout_ms,  # never wait longer than the apply would
+    )
     if not info.verified:
         raise engine.BackupError(f"The backup could not be verified: {info.note}")
     return Backup.objects.create(
@@ -1069,7 +1075,7 @@ def release_reconcile(*, environment: Environment) -> list[Release]:
                 rows = [row for row in history if row["release_pk"] == release.pk]
                 last = rows[-1]["direction"] if rows else None
                 if release.status == ReleaseStatus.PROMOTING:
-                    if last == "promote":
+                    if last == "forward":
                         _settle_promoted(release, native_after=native, actor=None)
                     else:
                         state = (

@@ -80,11 +80,6 @@ def test_promote_task__delivered_twice__second_does_nothing(
     assert Release.objects.get(pk=release.pk).status == ReleaseStatus.PROMOTED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the engine writes _rm_history direction 'forward' while services look for 'promote' "
-    "(_history_has, release_reconcile); remove this mark when they agree",
-)
 def test_promote_task__redelivered_after_the_target_committed__settled_from_history_not_applied_again(
     staging_release, django_capture_on_commit_callbacks
 ):
@@ -166,11 +161,6 @@ def test_tasks__audit_events_name_the_task_process(staging_release, django_captu
     assert event.request_id.startswith(f"celery:{os.getpid()}:"), "eager: the task ran in this process"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the engine writes _rm_history direction 'forward' while release_reconcile looks for "
-    "'promote'; remove this mark when they agree",
-)
 def test_reconcile__worker_died_after_the_target_committed__settled_promoted(staging_release):
     release, url, admin = staging_release
     services._begin(
