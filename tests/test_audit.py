@@ -232,3 +232,22 @@ def test_auditlog__api_token_issued_and_revoked__history_without_hash_or_token(s
 
     assert "revoked_at" in text
     assert raw not in text and token.token_hash not in text and "token_hash" not in text
+
+
+SECRET_FIELDS = {
+    ("tenants", "environment"): {"database_url_encrypted"},
+    ("tenants", "apitoken"): {"token_hash"},
+    ("releases", "approvallink"): {"nonce"},
+}
+
+
+def test_auditlog__every_project_model__registered_with_secret_fields_excluded():
+    from auditlog.registry import auditlog
+    from django.apps import apps
+
+    for app_label in ("tenants", "releases", "tools"):
+        for model in apps.get_app_config(app_label).get_models():
+            assert auditlog.contains(model), f"{model.__name__} has no django-auditlog history"
+            excluded = set(auditlog.get_model_fields(model)["exclude_fields"])
+            secrets = SECRET_FIELDS.get((app_label, model._meta.model_name), set())
+            assert secrets <= excluded, f"{model.__name__} logs {secrets - excluded}"
