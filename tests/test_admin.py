@@ -506,3 +506,22 @@ def test_release_admin__nobody_adds_changes_or_deletes_releases(world):
         == 403
     )
     assert Release.objects.filter(pk=release.pk).exists()
+
+
+def test_promote_action__admin_of_acme_viewer_of_other__other_release_refused_with_message(world):
+    theirs = prepare(world["other"])
+    user = world["acme"][Role.ADMIN]
+    membership_set(tenant=world["other"]["tenant"], user=user, role=Role.VIEWER)
+    client = login(user)
+    url = reverse("admin:releases_release_changelist")
+
+    assert theirs.release_id in client.get(url).content.decode(), "a viewer of other sees its releases"
+    response = client.post(
+        url, {"action": "promote_selected", "_selected_action": [theirs.pk], "post": "yes"}
+    )
+
+    assert f"{theirs.release_id}: you may not promote releases of other." in messages_of(response)
+    theirs.refresh_from_db()
+    assert theirs.status == ReleaseStatus.PREPARED
+    assert "widgets" not in tables_of(world["other"]["urls"]["staging"])
+    assert client.post(operation_url(theirs, "promote")).status_code == 403

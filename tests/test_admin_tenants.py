@@ -313,3 +313,54 @@ def test_pipeline__target_unreachable__shown_unreachable_page_still_renders(acme
     assert "rm-unreachable" in response.content.decode()
     assert "pw@" not in response.content.decode()
     assert columns["dev"]["schema"]["fingerprint"]
+
+
+def test_api_token__revoke_action__revoked_and_no_longer_active(acme):
+    from tenants.services import token_issue
+
+    token, _raw = token_issue(tenant=acme["tenant"], user=acme[Role.VIEWER])
+    client = login(acme[Role.ADMIN])
+    response = client.post(
+        reverse("admin:tenants_apitoken_changelist"),
+        {"action": "revoke_selected", "_selected_action": [token.pk]},
+    )
+    assert response.status_code == 302
+    token.refresh_from_db()
+    assert token.revoked_at is not None and not token.is_active
+
+
+def test_environment_add__tenant_admin__only_own_tenants_offered_url_required(acme):
+    Environment.objects.filter(tenant=acme["tenant"], stage="prod").delete()
+    client = login(acme[Role.ADMIN])
+    page = client.get(reverse("admin:tenants_environment_add"))
+    choices = [choice for choice, _label in page.context["adminform"].form.fields["tenant"].choices if choice]
+    assert [str(choice) for choice in choices] == [str(acme["tenant"].pk)]
+    data = {
+        "tenant": acme["tenant"].pk,
+        "stage": "prod",
+        "approvals_required": 1,
+        "flags-TOTAL_FORMS": 0,
+        "flags-INITIAL_FORMS": 0,
+        "dry_run_lock_timeout_ms": 1000,
+        "dry_run_statement_timeout_ms": 60000,
+        "apply_lock_timeout_ms": 2000,
+        "apply_lock_retries": 3,
+        "apply_statement_timeout_ms": 900000,
+    }
+
+    response = client.post(reverse("admin:tenants_environment_add"), data)
+    assert (
+        response.status_code == 200
+        and "A new environment needs its database URL." in response.content.decode()
+    )
+    response = client.post(
+        reverse("admin:tenants_environment_add"),
+        {**data, "tenant": acme["other"].pk, "database_url": SECRET_URL},
+    )
+    assert (
+        response.status_code == 200
+        and not Environment.objects.filter(tenant=acme["tenant"], stage="prod").exists()
+    )
+    response = client.post(reverse("admin:tenants_environment_add"), {**data, "database_url": SECRET_URL})
+    assert response.status_code == 302
+    assert Environment.objects.get(tenant=acme["tenant"], stage="prod").database_url == SECRET_URL
