@@ -52,8 +52,11 @@ COUNTERS = {
 
 
 def observe(phase: str, seconds: float, *, tenant: str, environment: str) -> None:
-    """Record how long a prepare, promote or rollback took."""
-    _HISTOGRAMS[phase].labels(tenant=tenant, environment=environment).observe(seconds)
+    """Record how long a prepare, promote or rollback took; a metrics failure never fails the release."""
+    try:
+        _HISTOGRAMS[phase].labels(tenant=tenant, environment=environment).observe(seconds)
+    except OSError as exc:  # e.g. PROMETHEUS_MULTIPROC_DIR removed or not writable
+        logger.warning("could not record %s duration: %s", phase, type(exc).__name__)
 
 
 def audit_counts() -> dict[str, dict[tuple[str, str], int]]:

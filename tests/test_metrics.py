@@ -191,3 +191,31 @@ def test_metrics__no_token_configured__open_and_post_refused(settings):
     assert Client().get("/metrics").status_code == 200
     assert Client().get("/metrics/").status_code == 200
     assert Client().post("/metrics").status_code == 405
+
+
+def test_metrics__multiprocess_dir_vanished__observe_logs_and_does_not_raise(tmp_path):
+    """A release must never fail because its duration could not be recorded."""
+    script = (
+        "import shutil, os, django\n"
+        "django.setup()\n"
+        "shutil.rmtree(os.environ['PROMETHEUS_MULTIPROC_DIR'])\n"
+        "from releases import metrics\n"
+        "metrics.observe('prepare', 1.0, tenant='t', environment='staging')\n"
+        "print('survived')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=BASE_DIR,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "gone"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "survived"
+    assert "could not record prepare duration: FileNotFoundError" in result.stderr
