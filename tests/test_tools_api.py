@@ -314,3 +314,16 @@ def test_execute_api__over_the_tools_rate__429_rate_limited(setup, settings):
     assert statuses == [200, 200, 429]
     assert ToolTranscript.objects.count() == 2
     cache.clear()
+
+
+def test_release_admin__change_page__links_to_its_filtered_transcripts(setup, admin_client):
+    from tools.admin import transcripts_url
+    from tools.kernel import run_tool
+
+    release = make_release(setup)
+    run_tool("email.send", EMAIL_CALL["args"], tenant=setup.tenant, release=release, dry_run=True)
+    page = admin_client.get(f"/admin/releases/release/{release.pk}/change/")
+    assert page.status_code == 200
+    assert transcripts_url(release).replace("&", "&amp;") in page.content.decode()
+    listing = admin_client.get(transcripts_url(release))
+    assert [t.release_id for t in listing.context["cl"].result_list] == [release.pk]

@@ -7,6 +7,8 @@ from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 
+from tenants.admin import TenantScopedAdmin
+
 from .models import ToolTranscript
 
 
@@ -16,8 +18,8 @@ def transcripts_url(release) -> str:
 
 
 @admin.register(ToolTranscript)
-class ToolTranscriptAdmin(admin.ModelAdmin):
-    """Append-only records: nobody adds, edits or deletes them here."""
+class ToolTranscriptAdmin(TenantScopedAdmin):
+    """Append-only records: nobody adds, edits or deletes them here; members read their tenants'."""
 
     list_display = ("transcript_id", "tool", "ok", "dry_run", "release_link", "user", "created_at")
     list_filter = ("tool", "ok", "dry_run")
@@ -54,12 +56,6 @@ class ToolTranscriptAdmin(admin.ModelAdmin):
             return obj.release.release_id
         return format_html('<a href="{}">{}</a>', url, obj.release.release_id)
 
-    def get_queryset(self, request: HttpRequest):
-        queryset = super().get_queryset(request)
-        if request.user.is_superuser:
-            return queryset
-        return queryset.filter(tenant__memberships__user=request.user)
-
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -68,15 +64,3 @@ class ToolTranscriptAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
-
-    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
-        user = request.user
-        if not (user.is_active and user.is_staff):
-            return False
-        # Staff members of a tenant read their tenant's transcripts (the queryset is filtered).
-        if user.is_superuser or super().has_view_permission(request, obj):
-            return True
-        return user.memberships.exists()
-
-    def has_module_permission(self, request: HttpRequest) -> bool:
-        return self.has_view_permission(request)
