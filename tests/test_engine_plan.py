@@ -419,3 +419,28 @@ def test_plan__postgresql_drop_table_with_extra_index__unsupported_table(pg_data
         plan(target, changes_of({"type": "drop_table", "table": "people"}), release_id="rel_drop_indexed")
     assert info.value.code == "unsupported_table" and "people_team_lower" in info.value.message
     assert snapshot(url) == before
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        'CREATE INDEX "people_team_email" ON "people" ("email", "team")',
+        'CREATE UNIQUE INDEX "people_team_upper" ON "people" (upper("team"))',
+    ],
+    ids=["plain_index", "expression_index"],
+)
+def test_plan__drop_column_that_an_index_uses__unsupported_table_and_untouched(database_factory, ddl):
+    url = database_factory()
+    seed_people(url, [("a@example.com", "red")])
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute(ddl)
+    before = snapshot(url)
+    with open_target(url) as target, pytest.raises(PlanError) as info:
+        plan(
+            target,
+            changes_of({"type": "drop_column", "table": "people", "column": "team"}),
+            release_id="rel_idx",
+        )
+    assert info.value.code == "unsupported_table"
+    assert ddl.split('"')[1] in info.value.message
+    assert snapshot(url) == before

@@ -43,6 +43,10 @@ def _sqlite_rebuilds(change: dict, schema: dict) -> bool:
     if change_type == "drop_column":
         column = schema["tables"][change["table"]]["columns"][change["column"]]
         return (not column["nullable"]) or column["default"] is not None or column["unique"]
+    if change_type == "rename_column":
+        # A JSON column's CHECK names the column, so Django rebuilds the table to rename it.
+        column = schema["tables"][change["table"]]["columns"].get(change["from"]) or {}
+        return column.get("type") == "json"
     return False
 
 
@@ -107,11 +111,16 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
         if source in native_all:
             native_all[target_name] = native_all.pop(source)
         return
-    if vendor == "sqlite" and blockers and change_type in ("add_column", "drop_column", "modify_column"):
-        if change_type == "drop_column" and change["column"] not in columns:
+    if (
+        vendor == "sqlite"
+        and blockers
+        and change_type in ("add_column", "drop_column", "modify_column", "rename_column")
+    ):
+        subject = {"drop_column": change.get("column"), "rename_column": change.get("from")}.get(change_type)
+        if change_type == "modify_column":
+            subject = change["column"]["name"]
+        if change_type != "add_column" and subject not in columns:
             pass  # reported below as a validation error
-        elif change_type == "modify_column" and change["column"]["name"] not in columns:
-            pass
         elif _sqlite_rebuilds(change, schema):
             raise _fail(
                 "unsupported_table", f"{path}.table", SQLITE_REBUILD_NOTE.format(blockers=", ".join(blockers))
@@ -142,6 +151,14 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
             raise _fail("validation_error", f"{path}.column", f"'{name}' is the primary key of '{table}'")
         if len(columns) == 1:
             raise _fail("validation_error", f"{path}.column", f"'{name}' is the only column of '{table}'")
+        lost = (native.get("column_objects") or {}).get(name)
+        if lost:
+            raise _fail(
+                "unsupported_table",
+                f"{path}.column",
+                f"dropping '{table}.{name}' would also drop {', '.join(lost)}, which the rollback cannot "
+                "restore; drop or change those first",
+            )
         if preservation_key(list(columns.items()), exclude=name) is None:
             raise _fail(
                 "validation_error",
@@ -197,6 +214,9 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
                 native_all[table]["auto_pk"] = new
             for index in native_all[table].get("indexes", []):
                 index["columns"] = [new if c == old else c for c in index["columns"]]
+            objects = native_all[table].get("column_objects") or {}
+            if old in objects:
+                objects[new] = objects.pop(old)
     else:  # pragma: no cover - normalize_bundle only lets known types through
         raise _fail("validation_error", f"{path}.type", f"unknown change type {change_type}")
 

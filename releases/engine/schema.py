@@ -281,7 +281,26 @@ JOIN pg_namespace n ON n.oid = c.relnamespace WHERE con.contype = 'f' AND n.nspn
 
 
 def _new_native(vendor: str) -> dict[str, Any]:
-    return {"vendor": vendor, "auto_pk": None, "indexes": [], "blockers": [], "has_primary_key": False}
+    return {
+        "vendor": vendor,
+        "auto_pk": None,
+        "indexes": [],
+        "blockers": [],
+        "has_primary_key": False,
+        # column -> objects a DROP COLUMN would take with it that a rollback cannot put back
+        "column_objects": {},
+    }
+
+
+def _mention(native: dict, columns: list[str], description: str) -> None:
+    for column in columns:
+        objects = native["column_objects"].setdefault(column, [])
+        if description not in objects:
+            objects.append(description)
+
+
+def _mentioned_columns(text: str, names: list[str]) -> list[str]:
+    return [name for name in names if re.search(rf"(?<![a-z0-9_]){re.escape(name)}(?![a-z0-9_])", text, re.I)]
 
 
 def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
@@ -303,6 +322,7 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
 
     primary: dict[str, list[str]] = {}
     unique_columns: dict[str, set[str]] = {}
+    pending_mentions: list[tuple[str, str, list[str], str]] = []
     for table, name, contype, columns in constraint_rows:
         if not wanted(table):
             continue
@@ -313,12 +333,16 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
             unique_columns.setdefault(table, set()).add(columns[0])
         elif contype == "u":
             native["blockers"].append(f"multi-column unique constraint {name}")
+            _mention(native, list(columns), f"unique constraint {name}")
         elif contype == "c":
             native["blockers"].append(f"check constraint {name}")
+            _mention(native, list(columns), f"check constraint {name}")
         elif contype == "f":
             native["blockers"].append(f"foreign key {name}")
+            _mention(native, list(columns), f"foreign key {name}")
         else:
             native["blockers"].append(f"constraint {name} ({contype})")
+            _mention(native, list(columns), f"constraint {name}")
     for (
         table,
         index_name,
@@ -339,6 +363,7 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
             continue  # Django's LIKE index of a unique/indexed varchar column: recreated with it
         else:
             native["blockers"].append(f"index {index_name}")
+        pending_mentions.append((table, index_name, list(columns), definition.split(" USING ", 1)[-1]))
     for table, trigger in trigger_rows:
         if wanted(table):
             result["native"].setdefault(table, _new_native("postgresql"))["blockers"].append(
@@ -380,6 +405,11 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
             native["blockers"].append(f"default of {name} is not a literal")
         entry["columns"][name] = column
         entry["column_order"].append(name)
+    for table, index_name, columns, definition in pending_mentions:
+        if table in result["tables"]:
+            names = result["tables"][table]["column_order"]
+            touched = sorted(set(columns) | set(_mentioned_columns(definition, names)))
+            _mention(result["native"][table], touched, f"index {index_name}")
     for table, columns in primary.items():
         if table in result["native"]:
             result["native"][table]["has_primary_key"] = True
@@ -415,7 +445,7 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
     with target.connection.cursor() as cursor:
         cursor.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name")
         table_rows = [(name, sql) for name, sql in cursor.fetchall() if not is_internal_table(name)]
-        cursor.execute("SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger'")
+        cursor.execute("SELECT tbl_name, name, sql FROM sqlite_master WHERE type = 'trigger'")
         triggers = cursor.fetchall()
         for table, sql in table_rows:
             if tables is not None and table not in tables:
@@ -436,7 +466,7 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
             for _seq, index_name, is_unique, origin, is_partial in index_rows:
                 cursor.execute(f'PRAGMA index_xinfo("{index_name}")')
                 key_columns = [row for row in cursor.fetchall() if row[5]]  # key columns only
-                names = [row[2] for row in key_columns]
+                names = [row[2] for row in key_columns if row[2] is not None]
                 has_expression = any(row[1] == -2 for row in key_columns)
                 if origin == "pk":
                     continue
@@ -444,10 +474,24 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
                     unique_columns.add(names[0])
                 elif origin == "c" and not is_unique and not is_partial and not has_expression:
                     native["indexes"].append({"name": index_name, "columns": names})
+                    _mention(native, names, f"index {index_name}")
                 else:
                     native["blockers"].append(f"index {index_name}")
+                    cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [index_name])
+                    index_sql = (cursor.fetchone() or [""])[0] or ""
+                    table_columns_now = [row[1] for row in info]
+                    _mention(
+                        native,
+                        sorted(set(names) | set(_mentioned_columns(index_sql, table_columns_now))),
+                        f"index {index_name}",
+                    )
             for check in _sqlite_table_body_checks(sql):
                 native["blockers"].append(f"check constraint {check[:60]}")
+                _mention(
+                    native,
+                    _mentioned_columns(check, [row[1] for row in info]),
+                    f"check constraint {check[:60]}",
+                )
             if re.search(r"\b(FOREIGN\s+KEY|REFERENCES)\b", sql, re.I):
                 native["blockers"].append("foreign key")
             if re.search(r"\bCOLLATE\b", sql, re.I):
@@ -457,9 +501,11 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
             if len(primary) > 1:
                 native["blockers"].append("multi-column primary key")
             native["has_primary_key"] = bool(primary)
-            for trigger_table, trigger in triggers:
+            for trigger_table, trigger, trigger_sql in triggers:
                 if trigger_table == table:
                     native["blockers"].append(f"trigger {trigger}")
+                    mentioned = _mentioned_columns(trigger_sql or "", [row[1] for row in info])
+                    _mention(native, mentioned, f"trigger {trigger}")
             for _cid, name, declared, not_null, default_sql, pk_position, hidden in info:
                 if hidden:
                     native["blockers"].append(f"generated or hidden column {name}")
