@@ -391,3 +391,16 @@ def test_normalize_bundle__arbitrary_json__bundle_error_or_valid_never_type_erro
         assert exc.details
     else:
         assert normalize_bundle(bundle) == bundle
+
+
+def test_normalize_bundle__deeply_nested_json_default__bundle_error_not_crash():
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    errors = _errors(_table([{"name": "doc", "type": "json", "default": nested}]))
+    assert "database.changes[0].columns[0].default" in errors
+
+
+def test_normalize_bundle__nan_float_default__bundle_error():
+    errors = _errors(_table([{"name": "ratio", "type": "float", "default": float("nan")}]))
+    assert "database.changes[0].columns[0].default" in errors

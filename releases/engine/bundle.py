@@ -265,8 +265,10 @@ def normalize_default(column: dict, value: Any) -> Any:
     if column_type == "json":
         try:
             canonical_json(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be a JSON value without NaN or Infinity") from None
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError(
+                "must be a JSON value without NaN or Infinity, nested at most a few hundred levels"
+            ) from None
         return json.loads(canonical_json(value))
     if column_type == "binary":
         if not isinstance(value, str):
@@ -552,7 +554,12 @@ def normalize_bundle(raw: Any, *, max_changes: int = 500) -> dict:
             f"the bundle is not valid ({count} problem{'s' if count != 1 else ''})", errors.errors
         )
     bundle = {"database": {"changes": changes}, "feature_flags": flags}
-    canonical_json(bundle)  # proves it hashes (no NaN, no foreign types)
+    try:
+        canonical_json(bundle)  # proves it hashes (no NaN, no foreign types)
+    except (TypeError, ValueError, RecursionError):
+        raise BundleError(
+            "the bundle cannot be hashed", {"bundle": "holds values that are not plain JSON"}
+        ) from None
     return bundle
 
 
