@@ -399,3 +399,26 @@ def test_target_lock__held_by_one_session__second_does_not_get_it_until_released
                 assert unrelated is True
         with target_lock(second, "tenant-1/prod") as again:
             assert again is True
+
+
+def test_rollback__widened_column_holds_values_the_old_type_rejects__rollback_blocked_target_unchanged(
+    pg_database_factory,
+):
+    # PostgreSQL only: SQLite's dynamic typing stores the text in the decimal column and the rollback succeeds.
+    url = pg_database_factory()
+    seed(url, 3)
+    release = Release(
+        url,
+        changes_of({"type": "modify_column", "table": "people", "column": {"name": "score", "type": "text"}}),
+        "rel_widen",
+    )
+    release.apply()
+    execute(
+        url, 'INSERT INTO "people" ("email", "score") VALUES (%s, %s)', ["late@example.com", "not a number"]
+    )
+    after = snapshot(url)
+    with pytest.raises(EngineError) as info:
+        release.rollback()
+    if info.value.code != "rollback_blocked":
+        pytest.fail(f"expected rollback_blocked, got {info.value.code}: {info.value.message}")
+    assert snapshot(url) == after

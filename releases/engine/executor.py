@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.db.utils import IntegrityError
+from django.db.utils import DataError, IntegrityError
 
 from .errors import EngineError
 from .operations import preservations_for, quote
@@ -198,11 +198,12 @@ def _run(
                 raise EngineError(
                     "apply_failed", f"a statement ran longer than {statement_timeout_ms} ms; target unchanged"
                 ) from None
-            if direction == "rollback" and isinstance(exc, IntegrityError):
+            if direction == "rollback" and isinstance(exc, (IntegrityError, DataError)):
                 raise EngineError(
                     "rollback_blocked",
                     "the rollback cannot restore the data: rows written since the release violate the old "
-                    f"definition (e.g. NOT NULL without a default): {message}; target unchanged",
+                    f"definition (NOT NULL without a default, a narrower type, a unique key): {message}; "
+                    "target unchanged",
                 ) from None
             if isinstance(exc, EngineError):
                 raise
