@@ -157,3 +157,14 @@ class AnyContentJSONParser(LimitedJSONParser):
     """Parse the body as JSON whatever Content-Type says: the guide's curl examples send none."""
 
     media_type = "*/*"
+
+
+def not_found(request, exception=None):
+    """handler404: a path under /api/ that matches no route answers in the envelope, like every API error."""
+    if request.path.startswith("/api/"):
+        from django.http import JsonResponse
+
+        return JsonResponse(error_body("not_found", "No API endpoint at this path."), status=404)
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)

@@ -17,3 +17,6 @@ urlpatterns = [
     path("api/", include("releases.api.urls")),
     path("approvals/", include("releases.urls")),
 ]
+
+# An unknown path under /api/ gets the JSON envelope (when DEBUG is off), not an HTML page.
+handler404 = "releasemgr.api.not_found"

@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 
 from releasemgr.api import ApiError, Forbidden, NotFound, ValidationFailed, success
 from releasemgr.idempotency import idempotent
+from releasemgr.schema import error_responses
 from releasemgr.throttling import TenantScopedRateThrottle
 from releases.selectors import release_get
 from tenants.auth import IsTenantAdmin
@@ -96,7 +97,9 @@ class ToolExecuteView(APIView):
                         },
                     ),
                 },
-            )
+            ),
+            # 404: an unknown release_id or environment; 409: an Idempotency-Key reused or in flight.
+            **error_responses(404, 409),
         },
         examples=[
             OpenApiExample(
