@@ -182,8 +182,20 @@ class Preservation(models.Model):
         return self.preserved_table
 
 
+class AppendOnlyQuerySet(models.QuerySet):
+    """Bulk update and delete refused: audit rows are never rewritten or removed."""
+
+    def update(self, **kwargs):
+        raise ValueError("audit events are append-only")
+
+    def delete(self):
+        raise ValueError("audit events are append-only")
+
+
 class AuditEvent(models.Model):
     """An append-only domain event: release.prepared, .promoted, .failed, .rollback, .approved, ..."""
+
+    objects = AppendOnlyQuerySet.as_manager()
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="audit_events")
     release = models.ForeignKey(

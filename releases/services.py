@@ -18,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -631,7 +631,8 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
 
 
 def _release_for_task(release_pk: int) -> Release | None:
-    close_old_connections()
+    # Celery's Django fixup closes stale connections around worker tasks; closing here would break
+    # an in-process (eager) task running inside the caller's transaction.
     return (
         Release.objects.select_related("tenant", "to_environment__tenant", "from_environment", "created_by")
         .filter(pk=release_pk)

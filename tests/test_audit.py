@@ -251,3 +251,13 @@ def test_auditlog__every_project_model__registered_with_secret_fields_excluded()
             excluded = set(auditlog.get_model_fields(model)["exclude_fields"])
             secrets = SECRET_FIELDS.get((app_label, model._meta.model_name), set())
             assert secrets <= excluded, f"{model.__name__} logs {secrets - excluded}"
+
+
+@pytest.mark.django_db
+def test_audit_events__bulk_update_or_delete__refused():
+    from releases.models import AuditEvent
+
+    with pytest.raises(ValueError, match="append-only"):
+        AuditEvent.objects.all().update(event="release.tampered")
+    with pytest.raises(ValueError, match="append-only"):
+        AuditEvent.objects.filter(event="release.prepared").delete()
