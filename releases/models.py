@@ -195,8 +195,6 @@ class AppendOnlyQuerySet(models.QuerySet):
 class AuditEvent(models.Model):
     """An append-only domain event: release.prepared, .promoted, .failed, .rollback, .approved, ..."""
 
-    objects = AppendOnlyQuerySet.as_manager()
-
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="audit_events")
     release = models.ForeignKey(
         Release, null=True, blank=True, on_delete=models.PROTECT, related_name="audit_events"
@@ -211,6 +209,8 @@ class AuditEvent(models.Model):
     client_address = models.GenericIPAddressField(null=True, blank=True)
     request_id = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at", "id"]
