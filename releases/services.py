@@ -903,6 +903,7 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
                     statement_timeout_ms=environment.apply_statement_timeout_ms,
                 )
         _settle_rolled_back(release, actor=actor, preservations=result.preservations)
+        _rebase_live_release(environment, result)
         metrics.observe("rollback", time.monotonic() - started, **_labels(release))
     except (engine.EngineError, engine.TargetError) as exc:
         _settle_rollback_refused(
@@ -940,6 +941,20 @@ def _settle_rolled_back(
     logger.info("release %s rolled back", release.release_id, extra=_log_extra(release, phase="rollback"))
     _notify(release, "rolled_back")
     return flags
+
+
+def _rebase_live_release(environment: Environment, result: Any) -> None:
+    """After a verified rollback, the release now live is the drift baseline again, as the catalog is now.
+
+    The rollback restores its portable schema, not the catalog byte for byte (a re-added column goes
+    last, a SQLite rebuild rewrites the table's SQL), so without this rolling that release back next
+    would be refused as drift. Only when the portable schema is exactly its after-state.
+    """
+    live = live_release(environment=environment)
+    if live is not None and live.fingerprint_after == result.fingerprint_after:
+        Release.objects.filter(pk=live.pk, status=ReleaseStatus.PROMOTED).update(
+            native_fingerprint_after=result.native_fingerprint_after
+        )
 
 
 def _settle_rollback_refused(
