@@ -422,3 +422,36 @@ def test_rollback__widened_column_holds_values_the_old_type_rejects__rollback_bl
     if info.value.code != "rollback_blocked":
         pytest.fail(f"expected rollback_blocked, got {info.value.code}: {info.value.message}")
     assert snapshot(url) == after
+
+
+def test_sqlite_target_exclusively_locked__open_works_reads_and_apply_report_lock_timeout_fast(
+    sqlite_database_factory,
+):
+    from releases.engine import TargetError, TargetLockedError
+
+    url = sqlite_database_factory()
+    seed(url, 3)
+    release = Release(
+        url,
+        changes_of({"type": "add_column", "table": "people", "column": {"name": "x", "type": "text"}}),
+        "rel_excl",
+    )
+    before = snapshot(url)
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with open_target(url, lock_timeout_ms=300) as target:
+            with pytest.raises(TargetLockedError) as info:
+                history(target)
+            assert info.value.code == "lock_timeout"
+            assert isinstance(info.value, EngineError) and isinstance(info.value, TargetError)
+        with pytest.raises(EngineError) as applied:
+            release.apply(lock_timeout_ms=300, lock_retries=1)
+        elapsed = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert applied.value.code == "lock_timeout"
+    assert elapsed < 5
+    assert snapshot(url) == before

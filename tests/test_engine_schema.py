@@ -215,3 +215,11 @@ def test_open_target__unknown_pg_database__scrubbed_target_error(pg_database_fac
     with pytest.raises(TargetError) as info, open_target(url):
         pass
     assert "no_such_db_for_engine_tests" not in str(info.value)
+
+
+def test_open_target__file_that_is_not_a_database__target_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not an SQLite database, just text. " * 100)
+    with pytest.raises(TargetError) as info, open_target(f"sqlite:///{path}"):
+        pass
+    assert "not a database" in str(info.value)

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from .bundle import CHANGE_TYPES, COLUMN_TYPES, canonical_json, normalize_bundle, sha256_hex
-from .errors import BundleError, EngineError, PlanError, TargetError
+from .errors import BundleError, EngineError, PlanError, TargetError, TargetLockedError
 from .executor import ApplyResult, apply, history, purge_preserved, rollback, target_lock
 from .planner import Plan, check_dependencies, expected_schema, plan, statements_sha256
 from .schema import fingerprint, introspect, native_fingerprint
@@ -66,6 +66,7 @@ __all__ = [
     "PlanError",
     "Target",
     "TargetError",
+    "TargetLockedError",
     "apply",
     "backup",
     "canonical_json",

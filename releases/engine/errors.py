@@ -42,3 +42,28 @@ class EngineError(RuntimeError):
         self.code = code
         self.message = message
         self.details: dict[str, Any] = dict(details or {})
+
+
+class TargetLockedError(EngineError, TargetError):
+    """The target stayed locked by another session past the lock budget (`lock_timeout`).
+
+    Both an EngineError and a TargetError, so callers that handle either (prepare handles target
+    errors, promote and rollback engine errors) report it without a special case.
+    """
+
+    code = "lock_timeout"
+
+    def __init__(self, message: str) -> None:
+        RuntimeError.__init__(self, message)
+        self.code = "lock_timeout"
+        self.message = message
+        self.details = {}
+
+
+def is_lock_error(vendor: str, exc: BaseException) -> bool:
+    """Whether a driver error means "another session holds the lock" (SQLite busy, PG lock_timeout)."""
+    cause = exc.__cause__ or exc
+    if vendor == "postgresql":
+        return getattr(cause, "pgcode", None) == "55P03" or "lock timeout" in str(exc)
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text

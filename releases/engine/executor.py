@@ -21,7 +21,7 @@ from typing import Any
 
 from django.db.utils import DataError, IntegrityError
 
-from .errors import EngineError
+from .errors import EngineError, TargetLockedError, is_lock_error
 from .operations import preservations_for, quote
 from .planner import begin, rollback_transaction, run_statements
 from .schema import fingerprint, introspect, native_fingerprint
@@ -76,11 +76,7 @@ def _get(change: Any, key: str, default: Any = None) -> Any:
 
 
 def _is_lock_timeout(target: Target, exc: BaseException) -> bool:
-    cause = exc.__cause__ or exc
-    if target.is_postgresql:
-        return getattr(cause, "pgcode", None) == "55P03" or "lock timeout" in str(exc)
-    text = str(exc).lower()
-    return "database is locked" in text or "database table is locked" in text
+    return isinstance(exc, TargetLockedError) or is_lock_error(target.vendor, exc)
 
 
 def _is_statement_timeout(target: Target, exc: BaseException) -> bool:
@@ -284,7 +280,8 @@ def rollback(
         for match in _FORWARD_SIDE_TABLE.findall(s["sql"].split("(", 1)[0])
     }
     needed = sorted({m for s in statements for m in _FORWARD_SIDE_TABLE.findall(s["sql"])} - created)
-    missing = [name for name in needed if not _table_exists(target, name)]
+    with target.lock_errors("rollback"):
+        missing = [name for name in needed if not _table_exists(target, name)]
     if missing:
         raise EngineError(
             "rollback_blocked",
@@ -316,6 +313,11 @@ def rollback(
 
 def history(target: Target, release_pk: int | None = None) -> list[dict]:
     """Rows of the target's `_rm_history` (oldest first); empty when it has none yet."""
+    with target.lock_errors("reading _rm_history"):
+        return _history(target, release_pk)
+
+
+def _history(target: Target, release_pk: int | None) -> list[dict]:
     if not _table_exists(target, HISTORY_TABLE):
         return []
     query = 'SELECT "release_id", "release_pk", "bundle_sha256", "direction", "applied_at" FROM "_rm_history"'
@@ -398,8 +400,9 @@ def purge_preserved(target: Target, table_names: list[str]) -> int:
             or name == HISTORY_TABLE
         ):
             raise EngineError("validation_failed", f"'{name}' is not a preserved table name")
-        if _table_exists(target, name):
-            with target.connection.cursor() as cursor:
-                cursor.execute(f"DROP TABLE {quote(name)}")
-            dropped += 1
+        with target.lock_errors("purging preserved data"):
+            if _table_exists(target, name):
+                with target.connection.cursor() as cursor:
+                    cursor.execute(f"DROP TABLE {quote(name)}")
+                dropped += 1
     return dropped

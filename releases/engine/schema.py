@@ -535,9 +535,10 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
 
 def introspect(target: Target, tables: set[str] | None = None) -> dict:
     """The target's portable schema (see the module docstring), `_rm_*` and `sqlite_*` ignored."""
-    if target.is_postgresql:
-        return _introspect_postgresql(target, tables)
-    return _introspect_sqlite(target, tables)
+    with target.lock_errors("introspection"):
+        if target.is_postgresql:
+            return _introspect_postgresql(target, tables)
+        return _introspect_sqlite(target, tables)
 
 
 def portable_only(schema: dict) -> dict:
@@ -598,7 +599,7 @@ _PG_NATIVE_QUERIES = (
 def native_fingerprint(target: Target) -> str:
     """Catalog-level fingerprint (columns, indexes, constraints, triggers), `_rm_*`/`sqlite_*` ignored."""
     digest = hashlib.sha256()
-    with target.connection.cursor() as cursor:
+    with target.lock_errors("reading the catalog"), target.connection.cursor() as cursor:
         if target.is_postgresql:
             for kind, query in _PG_NATIVE_QUERIES:
                 cursor.execute(query)

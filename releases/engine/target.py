@@ -18,13 +18,14 @@ from django.db.utils import load_backend
 
 from tenants.crypto import scrub
 
-from .errors import TargetError
+from .errors import TargetError, TargetLockedError, is_lock_error
 
 SUPPORTED_ENGINES = {
     "django.db.backends.postgresql": "postgresql",
     "django.db.backends.sqlite3": "sqlite",
 }
 SUPPORTED_SCHEMES = ("postgres", "postgresql", "pgsql", "sqlite")
+DEFAULT_LOCK_TIMEOUT_MS = 2000
 
 
 @dataclass
@@ -39,6 +40,20 @@ class Target:
 
     def scrub(self, message: str) -> str:
         return scrub(str(message), self.secrets)
+
+    @contextlib.contextmanager
+    def lock_errors(self, what: str) -> Iterator[None]:
+        """Turn "another session holds the lock" driver errors into TargetLockedError (lock_timeout)."""
+        try:
+            yield
+        except TargetError:
+            raise
+        except Exception as exc:
+            if is_lock_error(self.vendor, exc):
+                raise TargetLockedError(
+                    f"{what}: the target database is locked by another session ({self.scrub(str(exc)).strip()})"
+                ) from None
+            raise
 
     @property
     def is_postgresql(self) -> bool:
@@ -69,7 +84,9 @@ def parse_url(url: str) -> dict[str, Any]:
     return config
 
 
-def build_wrapper(config: dict[str, Any], alias: str) -> BaseDatabaseWrapper:
+def build_wrapper(
+    config: dict[str, Any], alias: str, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+) -> BaseDatabaseWrapper:
     settings_dict: dict[str, Any] = {
         "ENGINE": config["ENGINE"],
         "NAME": config.get("NAME", ""),
@@ -87,6 +104,10 @@ def build_wrapper(config: dict[str, Any], alias: str) -> BaseDatabaseWrapper:
     }
     if config["ENGINE"].endswith("postgresql"):
         settings_dict["OPTIONS"].setdefault("connect_timeout", 5)
+    else:
+        # sqlite3's busy timeout for every statement outside the engine's own transactions (which set
+        # PRAGMA busy_timeout to the environment's lock timeout themselves).
+        settings_dict["OPTIONS"].setdefault("timeout", max(lock_timeout_ms, 1) / 1000)
     backend = load_backend(config["ENGINE"])
     wrapper = backend.DatabaseWrapper(settings_dict, alias)
     if config["ENGINE"].endswith("sqlite3"):
@@ -102,14 +123,17 @@ def build_wrapper(config: dict[str, Any], alias: str) -> BaseDatabaseWrapper:
 
 
 @contextlib.contextmanager
-def open_target(url: str) -> Iterator[Target]:
-    """Open the target database at `url`; TargetError (scrubbed) when it cannot be reached."""
+def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> Iterator[Target]:
+    """Open the target database at `url`; TargetError (scrubbed) when it cannot be reached.
+
+    `lock_timeout_ms` bounds how long a SQLite read waits for another session's lock.
+    """
     config = parse_url(url)
     vendor = SUPPORTED_ENGINES[config["ENGINE"]]
     alias = f"rm_target_{uuid.uuid4().hex[:12]}"
     secrets = [str(config.get(key) or "") for key in ("PASSWORD", "USER", "HOST")]
     secrets = [value for value in secrets if value and len(value) > 1] + [url]
-    wrapper = build_wrapper(config, alias)
+    wrapper = build_wrapper(config, alias, lock_timeout_ms)
     target = Target(
         connection=wrapper,
         vendor=vendor,
@@ -122,8 +146,17 @@ def open_target(url: str) -> Iterator[Target]:
             wrapper.ensure_connection()
             if vendor == "sqlite":
                 with wrapper.cursor() as cursor:
-                    # Touch the schema so a file that is not a database fails here, not later.
-                    cursor.execute("SELECT count(*) FROM sqlite_master")
+                    # Touch the schema so a file that is not a database fails here, not later; without
+                    # waiting: a database locked by another session is reachable, and what runs next
+                    # waits for its own lock budget and reports lock_timeout.
+                    cursor.execute("PRAGMA busy_timeout = 0")
+                    try:
+                        cursor.execute("SELECT count(*) FROM sqlite_master")
+                    except Exception as exc:  # noqa: BLE001
+                        if not is_lock_error(vendor, exc):
+                            raise
+                    finally:
+                        cursor.execute(f"PRAGMA busy_timeout = {max(int(lock_timeout_ms), 1)}")
         except Exception as exc:  # noqa: BLE001 - every connect failure becomes a TargetError
             raise TargetError(
                 f"cannot connect to the target database: {target.scrub(str(exc)).strip()}"
