@@ -424,6 +424,10 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
 _SQLITE_JSON_CHECK = 'JSON_VALID("{name}")'
 
 
+def _sqlite_quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _sqlite_table_body_checks(sql: str) -> list[str]:
     """CHECK clauses in a CREATE TABLE that are not Django's JSON_VALID checks."""
     found = []
@@ -450,7 +454,7 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
         for table, sql in table_rows:
             if tables is not None and table not in tables:
                 continue
-            quoted = '"' + table.replace('"', '""') + '"'
+            quoted = _sqlite_quote(table)
             native = _new_native("sqlite")
             result["native"][table] = native
             entry = {"columns": {}, "column_order": []}
@@ -464,7 +468,7 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
             index_rows = cursor.fetchall()
             unique_columns: set[str] = set()
             for _seq, index_name, is_unique, origin, is_partial in index_rows:
-                cursor.execute(f'PRAGMA index_xinfo("{index_name}")')
+                cursor.execute(f"PRAGMA index_xinfo({_sqlite_quote(index_name)})")
                 key_columns = [row for row in cursor.fetchall() if row[5]]  # key columns only
                 names = [row[2] for row in key_columns if row[2] is not None]
                 has_expression = any(row[1] == -2 for row in key_columns)
