@@ -108,6 +108,27 @@ def test_bootstrap_demo__run_twice__one_tenant_three_environments_two_users_work
 
 
 @pytest.mark.django_db
+def test_bootstrap_demo__primary_already_points_elsewhere__that_environment_left_alone(
+    tmp_path, sqlite_database_factory
+):
+    demo = {stage: f"sqlite:///{tmp_path / f'primary_{stage}.sqlite3'}" for stage in ("dev", "staging")}
+    real_prod = sqlite_database_factory()
+    run(
+        "tenant_setup",
+        "primary",
+        f"--env=dev={demo['dev']}",
+        f"--env=staging={demo['staging']}",
+        f"--env=prod={real_prod}",
+    )
+
+    out, _ = run("bootstrap_demo", targets_dir=str(tmp_path))
+
+    urls = {e.stage: e.database_url for e in Environment.objects.filter(tenant__slug="primary")}
+    assert urls == {**demo, "prod": real_prod}
+    assert "except prod" in out and "except dev" not in out and real_prod not in out
+
+
+@pytest.mark.django_db
 def test_bootstrap_demo__production_without_passwords__refused_nothing_created(
     tmp_path, settings, monkeypatch
 ):

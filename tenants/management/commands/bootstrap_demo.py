@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import transaction
 
 from releases.management.commands._base import Refused, ServiceCommand
+from tenants.crypto import mask_url
 from tenants.models import Environment, Role, Stage
 from tenants.services import membership_set, tenant_setup, token_issue, user_ensure
 
@@ -50,13 +51,16 @@ class Command(ServiceCommand):
         }
 
         with transaction.atomic():
-            existing = set(
-                Environment.objects.filter(tenant__slug=DEMO_TENANT).values_list("stage", flat=True)
-            )
+            existing = {
+                environment.stage: environment.database_url
+                for environment in Environment.objects.filter(tenant__slug=DEMO_TENANT)
+            }
+            # An environment that points elsewhere (set with tenant_setup) is never repointed.
+            kept = sorted(stage for stage, url in existing.items() if url != urls[stage])
             tenant = tenant_setup(
                 slug=DEMO_TENANT,
                 name="Primary (demo)",
-                environments=urls,
+                environments={stage: url for stage, url in urls.items() if stage not in kept},
                 flags={stage: flags for stage, flags in DEMO_FLAGS.items() if stage not in existing},
             )
             users = {}
@@ -80,6 +84,8 @@ class Command(ServiceCommand):
         self.stdout.write(
             f"Demo tenant '{DEMO_TENANT}': dev, staging and prod are SQLite files in {targets_dir}"
         )
+        for stage in kept:
+            self.stdout.write(f"  except {stage}: it points at {mask_url(existing[stage])}, left unchanged")
         self.stdout.write(f"Admin:     {site}/admin/  user admin, password {shown['admin']}")
         self.stdout.write(f"Approver:  {site}/admin/  user approver, password {shown['approver']}")
         self.stdout.write(
