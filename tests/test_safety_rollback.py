@@ -324,6 +324,7 @@ def bundles(draw):
     """1-4 changes that apply in order to `items` (and tables the bundle creates)."""
     columns = {"items": ["name", "qty", "note"]}
     result = []
+    modified = False
     for index in range(draw(st.integers(min_value=1, max_value=4))):
         kind = draw(
             st.sampled_from(["create_table", "add_column", "drop_column", "modify_column", "drop_table"])
@@ -351,7 +352,8 @@ def bundles(draw):
             name = draw(st.sampled_from(columns[table]))
             result.append({"type": "drop_column", "table": table, "column": name})
             columns[table].remove(name)
-        elif kind == "modify_column" and table == "items" and "qty" in columns["items"]:
+        elif kind == "modify_column" and table == "items" and "qty" in columns["items"] and not modified:
+            modified = True
             result.append(
                 {"type": "modify_column", "table": "items", "column": {"name": "qty", "type": "bigint"}}
             )
