@@ -455,3 +455,34 @@ def test_sqlite_target_exclusively_locked__open_works_reads_and_apply_report_loc
     assert applied.value.code == "lock_timeout"
     assert elapsed < 5
     assert snapshot(url) == before
+
+
+def test_modify_column__set_not_null_with_default__nulls_filled_then_restored_by_rollback(database_factory):
+    url = database_factory()
+    seed(url, 14)  # every 7th row has team NULL
+    before = rows_by_name(url)
+    assert sum(1 for row in before if row["team"] is None) == 2
+    release = Release(
+        url,
+        changes_of(
+            {
+                "type": "modify_column",
+                "table": "people",
+                "column": {"name": "team", "nullable": False, "default": "none"},
+            }
+        ),
+        "rel_not_null",
+    )
+    result = release.apply()
+    assert [p["kind"] for p in result.preservations] == ["values"]
+    assert execute(url, 'SELECT count(*) FROM "people" WHERE "team" = %s', ["none"]) == [(2,)]
+    release.rollback()
+    assert rows_by_name(url) == before
+
+
+def rows_by_name(url: str, table: str = "people") -> list[dict]:
+    """Rows as dicts (a SQLite rebuild moves the altered column to the end of the table)."""
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute(f'SELECT * FROM "{table}" ORDER BY "id"')
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -289,7 +289,10 @@ class ChangeRunner:
         key = preservation_key(columns, exclude=name)
         state["key"] = key
         state["preserved"] = False
-        if key and any(current.get(a) != new.get(a) for a in VALUE_ATTRIBUTES):
+        # Values can change with the type or size, and when NOT NULL is set (SQLite's rebuild fills
+        # NULLs with the default): copy them first so the rollback puts back exactly what was there.
+        fills_nulls = current.get("nullable") and not new.get("nullable")
+        if key and (fills_nulls or any(current.get(a) != new.get(a) for a in VALUE_ATTRIBUTES)):
             self.copy_aside(table, preservation_name(self.release_id, position, "forward"), [key, name])
             state["preserved"] = True
         self._alter(table, columns, native, name, name, new)
