@@ -176,13 +176,8 @@ def bundles(draw, base: dict[str, dict]) -> list[dict]:
                 choices.append({"max_length": current["max_length"] + 10})
             if current.get("default") is not None:
                 choices.append({"default": None})
-            if current.get("nullable", True) and current["type"] in (
-                "string",
-                "text",
-                "integer",
-                "bigint",
-                "smallint",
-            ):
+            fillable = ("string", "text", "integer", "bigint", "smallint")
+            if current.get("nullable", True) and not current.get("unique") and current["type"] in fillable:
                 # SET NOT NULL with a default: existing NULLs are filled, and the rollback must bring them back.
                 fill = 7 if current["type"] not in ("string", "text") else "z"
                 choices.append({"nullable": False, "default": fill})
