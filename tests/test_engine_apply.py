@@ -486,3 +486,48 @@ def rows_by_name(url: str, table: str = "people") -> list[dict]:
         cursor.execute(f'SELECT * FROM "{table}" ORDER BY "id"')
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def test_apply__statement_over_statement_timeout__apply_failed_target_unchanged(pg_database_factory):
+    url = pg_database_factory()
+    seed(url, 3)
+    release = Release(
+        url,
+        changes_of({"type": "add_column", "table": "people", "column": {"name": "x", "type": "text"}}),
+        "rel_slow",
+    )
+    slow = [dict(entry) for entry in release.plan.changes]
+    slow[0]["statements"] = [*slow[0]["statements"], {"sql": "SELECT pg_sleep(3)", "params": None}]
+    before = snapshot(url)
+    started = time.monotonic()
+    with pytest.raises(EngineError) as info:
+        release.apply(changes=slow, statement_timeout_ms=300)
+    assert info.value.code == "apply_failed" and "300 ms" in info.value.message
+    assert time.monotonic() - started < 2.5
+    assert snapshot(url) == before
+
+
+def test_apply__sqlite_foreign_key_violation_left_by_the_transaction__apply_failed_target_unchanged(
+    sqlite_database_factory,
+):
+    url = sqlite_database_factory()
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute('CREATE TABLE "teams" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, "name" text)')
+        cursor.execute(
+            'CREATE TABLE "members" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+            '"team_id" bigint NULL REFERENCES "teams" ("id"))'
+        )
+        cursor.execute('INSERT INTO "teams" ("name") VALUES (%s)', ["red"])
+        cursor.execute('INSERT INTO "members" ("team_id") VALUES (1)')
+    release = Release(
+        url,
+        changes_of({"type": "add_column", "table": "teams", "column": {"name": "x", "type": "text"}}),
+        "rel_fk",
+    )
+    orphaning = [dict(entry) for entry in release.plan.changes]
+    orphaning[0]["statements"] = [*orphaning[0]["statements"], {"sql": 'DELETE FROM "teams"', "params": None}]
+    before = snapshot(url, "members"), snapshot(url, "teams")
+    with pytest.raises(EngineError) as info:
+        release.apply(changes=orphaning)
+    assert info.value.code == "apply_failed" and "foreign key" in info.value.message
+    assert (snapshot(url, "members"), snapshot(url, "teams")) == before
