@@ -17,6 +17,8 @@ PG_CONTROL_TESTS ?= tests/test_api_releases.py tests/test_commands.py tests/test
 	tests/test_worker_tasks.py tests/test_worker_live.py tests/test_audit.py tests/test_health.py \
 	tests/test_metrics.py
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS="--sizes 50,500 --repeat 3" (see benchmarks/README.md)
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-sqlite test-pg-control lint worker bench \
@@ -64,8 +66,7 @@ worker: install
 	$(PY) -m celery -A releasemgr worker -B -l info
 
 bench: install
-	@if [ -d benchmarks ]; then $(PY) -m benchmarks.run; \
-	else echo "make bench: no benchmarks/ package yet (see README, Benchmarks); nothing to run"; fi
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 release-prepare: install
 	@test -n "$(TENANT)" || { echo "usage: make release-prepare TENANT=slug [FROM=dev TO=staging BUNDLE=file.json]"; exit 2; }
