@@ -1,0 +1,123 @@
+"""The release list under load: a constant number of queries whatever the page size or filters."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from releases.models import Release, ReleaseStatus
+from tenants.models import Environment
+from tenants.services import tenant_setup, token_issue, user_ensure
+
+pytestmark = pytest.mark.django_db
+
+RELEASES = 250
+BIG_BUNDLE = {
+    "database": {
+        "changes": [
+            {
+                "type": "create_table",
+                "table": f"table_{n}",
+                "columns": [{"name": f"c{m}", "type": "string", "max_length": 50} for m in range(20)],
+            }
+            for n in range(20)
+        ]
+    },
+    "feature_flags": {},
+}
+
+
+def seed_releases(tenant, count: int) -> None:
+    """Rows written directly (bulk_create): several authors, statuses and both pipeline hops."""
+    environments = {e.stage: e for e in Environment.objects.filter(tenant=tenant)}
+    authors = [user_ensure(username=f"author-{n}") for n in range(5)]
+    now = timezone.now()
+    hops = [("dev", "staging"), ("staging", "prod")]
+    statuses = list(ReleaseStatus.values)
+    Release.objects.bulk_create(
+        [
+            Release(
+                tenant=tenant,
+                release_id=f"rel_20240101_0000_{n}",
+                from_environment=environments[hops[n % 2][0]],
+                to_environment=environments[hops[n % 2][1]],
+                status=statuses[n % len(statuses)],
+                bundle=BIG_BUNDLE,
+                bundle_sha256="0" * 64,
+                lint_findings=[{"rule": "adding-field-with-default", "message": "x" * 200}] * 10,
+                created_by=authors[n % len(authors)],
+                created_at=now - timedelta(minutes=n),
+            )
+            for n in range(count)
+        ],
+        batch_size=500,
+    )
+
+
+@pytest.fixture
+def client(sqlite_database_factory):
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(slug="acme", environments=urls, admins=["acme-admin"])
+    _, token = token_issue(tenant=tenant, user=get_user_model().objects.get(username="acme-admin"))
+    seed_releases(tenant, RELEASES)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG="acme")
+    assert client.get("/api/releases/").status_code == 200  # records the token's last use
+    return client
+
+
+def queries_for(client, path: str) -> tuple[int, dict]:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path)
+    assert response.status_code == 200, response.content
+    return len(captured), response.json()["data"]
+
+
+def test_release_list__10_or_200_per_page__same_number_of_queries(client, django_assert_num_queries):
+    small, page = queries_for(client, "/api/releases/?page_size=10")
+    assert page["count"] == RELEASES and len(page["results"]) == 10
+    assert small <= 6, f"{small} queries for one page"
+
+    with django_assert_num_queries(small):
+        response = client.get("/api/releases/?page_size=200")
+    data = response.json()["data"]
+    assert len(data["results"]) == 200
+    assert {item["created_by"] for item in data["results"]} == {f"author-{n}" for n in range(5)}
+    assert [item["created_at"] for item in data["results"]] == sorted(
+        (item["created_at"] for item in data["results"]), reverse=True
+    )
+
+
+@pytest.mark.parametrize("query", ["?status=promoted&page_size=200", "?to_env=prod&page_size=200&page=1"])
+def test_release_list__filtered__same_number_of_queries(client, django_assert_num_queries, query):
+    small, _ = queries_for(client, "/api/releases/?page_size=10")
+    with django_assert_num_queries(small):
+        response = client.get(f"/api/releases/{query}")
+    assert response.status_code == 200 and response.json()["data"]["results"]
+
+
+def test_release_list__summaries__no_sql_and_no_bundle(client):
+    _, page = queries_for(client, "/api/releases/?page_size=5")
+    for item in page["results"]:
+        assert "migrations" not in item and "bundle" not in item and "lint" not in item
+        assert item["from_env"] in ("dev", "staging") and item["release_id"].startswith("rel_")
+
+
+def test_release_summary_row__same_as_release_summary(client):
+    from releases.api.serializers import release_summary, release_summary_row
+    from releases.selectors import release_list, release_summary_rows
+
+    tenant = Release.objects.first().tenant
+    Release.objects.filter(pk=Release.objects.order_by("pk").first().pk).update(
+        created_by=None, promoted_at=timezone.now(), error_message="boom"
+    )
+    rows = [release_summary_row(row) for row in release_summary_rows(release_list(tenant=tenant))]
+    models = [release_summary(release) for release in release_list(tenant=tenant)]
+    assert len(rows) == RELEASES and rows == models
+    assert any(item["created_by"] is None and item["error_message"] == "boom" for item in rows)
