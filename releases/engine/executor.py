@@ -21,7 +21,7 @@ from typing import Any
 
 from django.db.utils import DataError, IntegrityError
 
-from .errors import EngineError, TargetLockedError, is_lock_error
+from .errors import EngineError, TargetError, TargetLockedError, is_lock_error
 from .operations import preservations_for, quote
 from .planner import begin, rollback_transaction, run_statements
 from .schema import fingerprint, introspect, native_fingerprint
@@ -375,7 +375,12 @@ def target_lock(target: Target, key: str) -> Iterator[bool]:
         return
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = f"{os.path.abspath(name)}.{digest}.rmlock"
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise TargetError(
+            f"cannot create the target's lock file next to the database ({exc.strerror})"
+        ) from None
     acquired = False
     try:
         try:
