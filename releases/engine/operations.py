@@ -304,7 +304,8 @@ class ChangeRunner:
             self.copy_aside(
                 table, preservation_name(self.release_id, position, "rollback"), [state["key"], name]
             )
-            # Restore the values first in the old type's terms? No: alter back, then refill.
+            # The values written since the release are kept aside too; then the column goes back to
+            # its old definition and the values from before the release are put back by key.
         self._alter(table, columns, native, name, name, state["column"])
         if state.get("preserved"):
             self.fill_from(table, preservation_name(self.release_id, position, "forward"), state["key"], name)
