@@ -179,6 +179,11 @@ EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="releasemgr@localhost")
 
+# --- Cache ------------------------------------------------------------------------------
+# Throttle counts live here. Local memory counts per process: with several web processes set
+# CACHE_URL=redis://host:6379/1 so that every process counts the same requests.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
 # --- REST framework ---------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.auth.BearerTokenAuthentication"],

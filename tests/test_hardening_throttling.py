@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,50 @@ def test_rates__from_the_environment__in_settings():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["7/hour", "9/min"]
+
+
+@pytest.mark.redis
+def test_rate__redis_cache_url__counts_shared_by_every_process(tenant, redis_url):
+    """With CACHE_URL=redis://... the counts live in Redis, where every web process sees them."""
+    import redis as redis_client
+
+    _, client = tenant
+    prefix = f"rm-test-{uuid.uuid4().hex[:8]}"
+    caches = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_url,
+            "KEY_PREFIX": prefix,
+        }
+    }
+    connection = redis_client.Redis.from_url(redis_url)
+    try:
+        with override_settings(CACHES=caches), rates("2/min"):
+            assert [client.get("/api/releases/").status_code for _ in range(3)] == [200, 200, 429]
+            keys = connection.keys(f"{prefix}:*throttle_releases_*")
+            assert len(keys) == 1
+            # Another process shares the count: drop it there, and this one is allowed again.
+            connection.delete(*keys)
+            assert client.get("/api/releases/").status_code == 200
+    finally:
+        leftover = connection.keys(f"{prefix}:*")
+        if leftover:
+            connection.delete(*leftover)
+        connection.close()
+
+
+def test_cache_url__from_the_environment__redis_backend(tmp_path):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
+        "CACHE_URL": "redis://cache.internal:6379/2",
+    }
+    script = (
+        "import django; django.setup(); from django.conf import settings as s; print(s.CACHES['default'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=BASE_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "django.core.cache.backends.redis.RedisCache" in result.stdout
+    assert "redis://cache.internal:6379/2" in result.stdout
