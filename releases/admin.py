@@ -211,7 +211,8 @@ class ReleaseAdmin(TenantScopedAdmin):
             {"fields": ("created_at", "promoted_at", "failed_at", "rolled_back_at", "status_changed_at")},
         ),
         ("Error", {"fields": ("error_code", "error_message")}),
-        ("Bundle", {"fields": ("bundle_pre", "feature_flags_pre", "flag_changes_pre")}),
+        ("Feature flags", {"fields": ("feature_flags_pre", "flag_changes_pre")}),
+        ("Bundle (normalized, as hashed)", {"classes": ("collapse",), "fields": ("bundle_pre",)}),
         ("Safety lint", {"fields": ("lint_table", "allow_unsafe", "unsafe_reason", "blocking_rules")}),
         (
             "Dry-run",

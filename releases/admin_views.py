@@ -140,11 +140,16 @@ def confirmation_item(release: Release, operation: Operation) -> dict[str, Any]:
         "approvals_required": release.to_environment.approvals_required,
         "approvals_missing": missing,
         "approvals": list(release.approvals.all()),
-        "feature_flags": release.bundle.get("feature_flags", {}),
-        "flag_changes": release.flag_changes,
-        "dry_run": release.dry_run_summary,
+        "lint_warnings": [f for f in release.lint_findings if f.get("severity") != "error"],
+        "feature_flags": _json(release.bundle.get("feature_flags", {})),
+        "flag_changes": _json(release.flag_changes),
+        "dry_run": _json(release.dry_run_summary),
         "warnings": warnings,
     }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) if value else ""
 
 
 def operation_run(request: HttpRequest, release: Release, operation: Operation, comment: str = "") -> bool:

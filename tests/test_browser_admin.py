@@ -7,7 +7,6 @@ visited is checked for console errors and page errors; screenshots go to test-ar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,6 @@ from tenants.models import Role
 from tenants.services import membership_set, tenant_setup
 from tests.conftest import IN_CI
 from tests.factories import PASSWORD, UserFactory
-
-# Playwright's sync API runs an event loop in this thread; the ORM calls the test makes between
-# page actions are synchronous and safe here.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -97,7 +92,11 @@ class AdminBrowser:
 
 
 @pytest.fixture
-def chromium():
+def chromium(monkeypatch):
+    # Playwright's sync API runs an event loop in this thread; the ORM calls the test makes between
+    # page actions are synchronous and safe here. Set for this test only (never at import: a
+    # subprocess started by another test would inherit it).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing: apt-get install -y chromium"
         if IN_CI:
