@@ -48,8 +48,18 @@ def test_make_release_targets__required_variable_missing__usage_and_failure(argu
 def test_make_test__two_passes__sqlite_control_then_postgresql_control():
     result = make("test")
 
-    lines = [line for line in result.stdout.splitlines() if "pytest" in line]
+    lines = [line for line in result.stdout.splitlines() if "-m pytest" in line]
     assert len(lines) == 2, result.stdout
     assert "env -u DATABASE_URL" in lines[0]
     assert "DATABASE_URL=postgres://postgres@127.0.0.1:5432/releasemgr_ci_control" in lines[1]
     assert '-m "not browser and not slow"' in lines[1]
+
+
+def test_make_test_pg_control__postgresql_absent__skipped_locally_but_a_failure_under_ci():
+    absent = ["test-pg-control", "PG_CONTROL_PORT=1", "PYTEST_ARGS=-x"]
+
+    local = make(*absent, "CI=", dry_run=False)
+    ci = make(*absent, "CI=true", dry_run=False)
+
+    assert local.returncode == 0 and "pass skipped" in local.stdout
+    assert ci.returncode != 0 and "pass skipped" not in ci.stdout
