@@ -401,3 +401,18 @@ def test_property__random_bundle_promoted_then_rolled_back__original_schema_and_
     assert kinds_seen == {"create_table", "add_column", "drop_column", "modify_column", "drop_table"}, (
         kinds_seen
     )
+
+
+def test_rollback__not_null_column_dropped_then_rows_added__409_rollback_blocked_nothing_run(world):
+    release_id = world.promoted(changes({"type": "drop_column", "table": "items", "column": "name"}))
+    run_sql(world.urls["staging"], "INSERT INTO items (id, qty) VALUES (1000, 1)")
+    state = target_state(world.urls["staging"])
+    response = world.rollback(release_id)
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "rollback_blocked"
+    assert target_state(world.urls["staging"]) == state
+    assert Release.objects.get(release_id=release_id).status == "promoted"
+    # Once the new row is dealt with, the rollback goes through and every value comes back.
+    run_sql(world.urls["staging"], "DELETE FROM items WHERE id = 1000")
+    assert world.rollback(release_id).json()["data"]["status"] == "rolled_back"
+    assert item_rows(world.urls["staging"]) == ITEM_ROWS
