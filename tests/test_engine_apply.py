@@ -531,3 +531,27 @@ def test_apply__sqlite_foreign_key_violation_left_by_the_transaction__apply_fail
         release.apply(changes=orphaning)
     assert info.value.code == "apply_failed" and "foreign key" in info.value.message
     assert (snapshot(url, "members"), snapshot(url, "teams")) == before
+
+
+def test_modify_column__default_with_percent_placeholders__filled_verbatim_and_restored(database_factory):
+    url = database_factory()
+    seed(url, 7)  # row 0 has team NULL
+    before = rows_by_name(url)
+    fill = "50%s %% %d ?"
+    release = Release(
+        url,
+        changes_of(
+            {
+                "type": "modify_column",
+                "table": "people",
+                "column": {"name": "team", "nullable": False, "default": fill},
+            }
+        ),
+        "rel_percent",
+    )
+    release.apply()
+    assert execute(url, 'SELECT "team" FROM "people" WHERE "id" = 1') == [(fill,)]
+    with open_target(url) as target:
+        assert introspect(target)["tables"]["people"]["columns"]["team"]["default"] == fill
+    release.rollback()
+    assert rows_by_name(url) == before

@@ -123,7 +123,19 @@ class ChangeRunner:
             self.recorder.force = False
 
     def editor(self) -> Any:
-        return self.target.connection.schema_editor(atomic=False, collect_sql=False)
+        editor = self.target.connection.schema_editor(atomic=False, collect_sql=False)
+        if self.vendor == "sqlite":
+            # Django's SQLite editor inlines literals (defaults) into its SQL and then executes it with
+            # params=(), which makes the driver wrapper rewrite `%s` to `?` and `%%` to `%` inside
+            # those literals (a default "50%s" would be copied into rows as "50?"). Its SQL never
+            # carries real placeholders there, so run parameterless statements without parameters.
+            execute = editor.execute
+
+            def execute_literal(sql: Any, params: Any = ()) -> Any:
+                return execute(sql, None if params is not None and len(params) == 0 else params)
+
+            editor.execute = execute_literal
+        return editor
 
     def copy_aside(self, table: str, name: str, columns: list[str] | None) -> None:
         selected = "*" if columns is None else ", ".join(quote(c) for c in columns)
