@@ -63,3 +63,80 @@ def test_make_test_pg_control__postgresql_absent__skipped_locally_but_a_failure_
 
     assert local.returncode == 0 and "pass skipped" in local.stdout
     assert ci.returncode != 0 and "pass skipped" not in ci.stdout
+
+
+# --- the guide's GitHub Actions workflow, its scripts run against a live server ----------------------
+
+
+def workflow_steps() -> dict[str, dict]:
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / "docs" / "github-actions-release.yml").read_text())
+    return {name: job for name, job in workflow["jobs"].items()}
+
+
+def run_step(job: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A job's `run:` script as GitHub runs it: bash -eo pipefail, with the step's environment."""
+    (script,) = [step["run"] for step in job["steps"] if "run" in step]
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_github_workflow__wiring__promote_job_reads_the_prepare_jobs_output():
+    jobs = workflow_steps()
+
+    assert jobs["prepare-release"]["outputs"] == {"release_id": "${{ steps.prepare.outputs.release_id }}"}
+    assert jobs["promote-release"]["needs"] == "prepare-release"
+    (promote,) = [step for step in jobs["promote-release"]["steps"] if "run" in step]
+    assert promote["env"]["RELEASE_ID"] == "${{ needs.prepare-release.outputs.release_id }}"
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
+def test_github_workflow__scripts_against_a_live_server__prepared_then_promoted(
+    live_server, sqlite_database_factory, tmp_path
+):
+    from django.contrib.auth import get_user_model
+
+    from releases.models import Release
+    from tenants.models import FeatureFlag
+    from tenants.services import tenant_setup, token_issue
+
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(
+        slug="acme", environments=urls, admins=["ci-admin"], flags={"dev": {"custom_domains": True}}
+    )
+    _, token = token_issue(tenant=tenant, user=get_user_model().objects.get(username="ci-admin"))
+    outputs, summary = tmp_path / "outputs", tmp_path / "summary"
+    env = {
+        "API_URL": live_server.url,
+        "API_TOKEN": token,
+        "TENANT_ID": "acme",
+        "GITHUB_OUTPUT": str(outputs),
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "GITHUB_RUN_ID": "7",
+        "GITHUB_RUN_ATTEMPT": "1",
+    }
+    jobs = workflow_steps()
+
+    prepared = run_step(jobs["prepare-release"], env)
+
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    (line,) = outputs.read_text().splitlines()
+    release_id = line.removeprefix("release_id=")
+    assert Release.objects.get(release_id=release_id).status == "prepared"
+
+    promoted = run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id})
+
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert Release.objects.get(release_id=release_id).status == "promoted"
+    assert FeatureFlag.objects.get(environment__tenant=tenant, environment__stage="staging").value is True
+    assert f"Promoted {release_id}" in summary.read_text()
+    # A re-run of the promote job after it succeeded stays green; an unknown release fails the job.
+    assert run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id}).returncode == 0
+    missing = run_step(jobs["promote-release"], {**env, "RELEASE_ID": "rel_20000101_0000"})
+    assert missing.returncode != 0 and "::error::" in missing.stdout
