@@ -235,3 +235,68 @@ def test_admin_in_browser__promote_rollback_and_approve__states_follow_no_js_err
     admin.page.wait_for_timeout(200)
     assert any("canary" in error for error in admin.errors)
     assert any("canary thrown" in error for error in admin.errors)
+
+
+def test_admin_in_browser__every_admin_page_as_superuser__no_console_or_page_errors(
+    chromium, live_server, demo
+):
+    release = release_prepare(
+        tenant=demo["tenant"],
+        user=demo[Role.ADMIN],
+        from_env="dev",
+        to_env="staging",
+        bundle_data=CREATE_WIDGETS,
+    )
+    UserFactory(username="root", is_superuser=True)
+    browser = open_browser(chromium, live_server, "tour")
+    browser.login("root")
+
+    # Every changelist and add page linked from the index, then the first object of each changelist.
+    links = browser.page.eval_on_selector_all(
+        "#content-main a[href^='/admin/']", "anchors => anchors.map(a => a.getAttribute('href'))"
+    )
+    changelists = sorted({link for link in links if link.count("/") == 4 and not link.endswith("/add/")})
+    pages = sorted(set(links))
+    assert "/admin/releases/release/" in changelists and "/admin/tenants/tenant/" in changelists
+    for path in pages:
+        browser.goto(path)
+        assert browser.page.locator("#content").count() == 1, path
+    inline_rows_added = 0
+    for path in changelists:
+        browser.goto(path)
+        first = browser.page.locator("#result_list tbody tr th a, #result_list tbody tr td a").first
+        if first.count():
+            first.click()
+            browser.page.wait_for_selector("#content")
+            for add_row in browser.page.locator(".add-row a").all():
+                if add_row.is_visible():
+                    add_row.click()  # inline "Add another ..." runs the admin's inline JavaScript
+                    inline_rows_added += 1
+    assert inline_rows_added >= 3, "tenant (environments, memberships) and environment (flags) inlines"
+    browser.shot("inlines-added")
+
+    # The changelist action with its confirmation step, driven through the admin's actions JavaScript.
+    browser.goto("/admin/releases/release/")
+    browser.page.check(f"input.action-select[value='{release.pk}']")
+    browser.page.select_option("select[name=action]", "approve_selected")
+    browser.page.click("button[name=index]")
+    browser.page.wait_for_selector("#rm-confirm-submit")
+    assert release.release_id in browser.page.inner_text("#content-main")
+    browser.shot("action-confirmation")
+    browser.page.click("#rm-confirm-submit")
+    browser.page.wait_for_selector("ul.messagelist")
+    assert f"approved {release.release_id}" in browser.messages()
+
+    for path in (
+        "/admin/releases/release/pipeline/",
+        "/admin/releases/release/pipeline/acme/",
+        f"/admin/releases/release/{release.pk}/auditlog/",
+        f"/admin/releases/release/{release.pk}/promote/",
+        f"/admin/releases/release/{release.pk}/reject/",
+    ):
+        browser.goto(path)
+        assert browser.page.locator("#content").count() == 1, path
+    browser.shot("last-page")
+
+    assert len(browser.visited) >= 20, browser.visited
+    assert browser.errors == []
