@@ -555,3 +555,62 @@ def test_modify_column__default_with_percent_placeholders__filled_verbatim_and_r
         assert introspect(target)["tables"]["people"]["columns"]["team"]["default"] == fill
     release.rollback()
     assert rows_by_name(url) == before
+
+
+def test_drop_column__tables_keyed_by_uuid_string_and_integer_named_like_aliases__values_restored(
+    database_factory,
+):
+    url = database_factory()
+    Release(
+        url,
+        changes_of(
+            {
+                "type": "create_table",
+                "table": "s",
+                "columns": [
+                    {"name": "id", "type": "uuid", "primary_key": True, "default": {"function": "uuid"}},
+                    {"name": "v", "type": "text", "nullable": False, "default": "q"},
+                ],
+            },
+            {
+                "type": "create_table",
+                "table": "t",
+                "columns": [
+                    {"name": "code", "type": "string", "max_length": 5, "primary_key": True},
+                    {"name": "n", "type": "integer"},
+                ],
+            },
+            {
+                "type": "create_table",
+                "table": "saved",
+                "columns": [
+                    {"name": "k", "type": "integer", "primary_key": True},
+                    {"name": "doc", "type": "json"},
+                ],
+            },
+        ),
+        "rel_keys",
+    ).apply()
+    execute(url, 'INSERT INTO "s" ("v") VALUES (%s), (%s)', ["a", "b"])
+    execute(url, 'INSERT INTO "t" ("code", "n") VALUES (%s, %s), (%s, %s)', ["x", 1, "y", None])
+    execute(url, 'INSERT INTO "saved" ("k", "doc") VALUES (%s, %s), (%s, %s)', [1, '{"a": 1}', 2, None])
+    before = {table: rows_by_name_keyed(url, table) for table in ("s", "t", "saved")}
+    release = Release(
+        url,
+        changes_of(
+            {"type": "drop_column", "table": "s", "column": "v"},
+            {"type": "drop_column", "table": "t", "column": "n"},
+            {"type": "drop_column", "table": "saved", "column": "doc"},
+        ),
+        "rel_keys_drop",
+    )
+    release.apply()
+    release.rollback()
+    assert {table: rows_by_name_keyed(url, table) for table in ("s", "t", "saved")} == before
+
+
+def rows_by_name_keyed(url: str, table: str) -> list[dict]:
+    with open_target(url) as target, target.connection.cursor() as cursor:
+        cursor.execute(f'SELECT * FROM "{table}"')
+        names = [column[0] for column in cursor.description]
+        return sorted((dict(zip(names, row, strict=True)) for row in cursor.fetchall()), key=repr)

@@ -147,12 +147,15 @@ class ChangeRunner:
             self.sql(f"CREATE INDEX {quote(name + '_k')} ON {quote(name)} ({quote(columns[0])})")
 
     def fill_from(self, table: str, side: str, key: str, column: str) -> None:
+        # The side table's alias uses the reserved prefix, so no user table name can collide with it.
         t, s, k, c = quote(table), quote(side), quote(key), quote(column)
+        saved = quote("_rm_saved")
         if self.vendor == "postgresql":
-            self.sql(f"UPDATE {t} SET {c} = s.{c} FROM {s} AS s WHERE {t}.{k} = s.{k}")
+            self.sql(f"UPDATE {t} SET {c} = {saved}.{c} FROM {s} AS {saved} WHERE {t}.{k} = {saved}.{k}")
         else:
             self.sql(
-                f"UPDATE {t} SET {c} = (SELECT s.{c} FROM {s} AS s WHERE s.{k} = {t}.{k}) WHERE {k} IN (SELECT {k} FROM {s})"
+                f"UPDATE {t} SET {c} = (SELECT {saved}.{c} FROM {s} AS {saved} WHERE {saved}.{k} = {t}.{k}) "
+                f"WHERE {t}.{k} IN (SELECT {saved}.{k} FROM {s} AS {saved})"
             )
 
     def reset_identity(self, table: str, native: dict) -> None:
