@@ -165,6 +165,10 @@ def test_release_detail__prepared_release__manifest_sql_lint_approvals_backups_a
     assert "release.prepared" in html  # audit events inline
     assert reverse("admin:releases_release_auditlog", args=[release.pk]) in html
     assert 'name="_save"' not in html, "the manifest is read-only"
+    transcripts = client.get(f"/admin/tools/tooltranscript/?release__id__exact={release.pk}")
+    assert transcripts.status_code == 200
+    events = client.get(f"/admin/releases/auditevent/?release__id__exact={release.pk}")
+    assert events.status_code == 200 and "release.prepared" in events.content.decode()
 
 
 def test_release_detail__lint_errors__listed_and_named_on_promote_confirmation(world):
