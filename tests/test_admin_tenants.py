@@ -364,3 +364,23 @@ def test_environment_add__tenant_admin__only_own_tenants_offered_url_required(ac
     response = client.post(reverse("admin:tenants_environment_add"), {**data, "database_url": SECRET_URL})
     assert response.status_code == 302
     assert Environment.objects.get(tenant=acme["tenant"], stage="prod").database_url == SECRET_URL
+
+
+def test_delete_action__admin_of_acme_viewer_of_other__other_tenants_membership_kept(acme):
+    from tenants.models import Membership
+
+    user = acme[Role.ADMIN]
+    membership_set(tenant=acme["other"], user=user, role=Role.VIEWER)
+    theirs = Membership.objects.get(tenant=acme["other"], user=acme["other_admin"])
+    client = login(user)
+    url = reverse("admin:tenants_membership_changelist")
+
+    response = client.post(url, {"action": "delete_selected", "_selected_action": [theirs.pk], "post": "yes"})
+
+    assert response.status_code in (200, 403)
+    assert Membership.objects.filter(pk=theirs.pk).exists()
+    assert (
+        client.post(reverse("admin:tenants_membership_delete", args=[theirs.pk]), {"post": "yes"}).status_code
+        == 403
+    )
+    assert Membership.objects.filter(pk=theirs.pk).exists()
