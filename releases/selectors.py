@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+from django.db import connection
 from django.db.models import Prefetch, QuerySet
+from django.utils.dateparse import parse_datetime
 
 from releasemgr.api import NotFound, ValidationFailed
 from tenants.models import Environment, Stage, Tenant
@@ -59,26 +63,28 @@ def release_list(
 def release_filter(
     *, tenant: Tenant, status: str | None = None, to_env: str | None = None
 ) -> QuerySet[Release]:
-    """The tenant's releases, filtered and newest first, with no join or column choice of its own:
-    cheap to count, and the base of release_list and release_summary_rows."""
+    """The tenant's releases, filtered and newest first (the base of release_list)."""
+    _check_list_filters(status=status, to_env=to_env)
     releases = Release.objects.filter(tenant=tenant)
     if status:
-        if status not in ReleaseStatus.values:
-            raise ValidationFailed(
-                f"Unknown status {status!r}.",
-                details={"status": f"One of {', '.join(ReleaseStatus.values)}."},
-            )
         releases = releases.filter(status=status)
     if to_env:
-        if to_env not in Stage.values:
-            raise ValidationFailed(
-                f"Unknown environment {to_env!r}.", details={"to_env": f"One of {', '.join(Stage.values)}."}
-            )
         releases = releases.filter(to_environment__stage=to_env)
     return releases.order_by("-created_at", "-id")
 
 
-# The columns of a summary row; related values by lookup (plain joins, no expressions to resolve).
+def _check_list_filters(*, status: str | None, to_env: str | None) -> None:
+    if status and status not in ReleaseStatus.values:
+        raise ValidationFailed(
+            f"Unknown status {status!r}.", details={"status": f"One of {', '.join(ReleaseStatus.values)}."}
+        )
+    if to_env and to_env not in Stage.values:
+        raise ValidationFailed(
+            f"Unknown environment {to_env!r}.", details={"to_env": f"One of {', '.join(Stage.values)}."}
+        )
+
+
+# The keys of a summary row (serializers.release_summary_row), named as ORM lookups.
 SUMMARY_COLUMNS = (
     "release_id",
     "status",
@@ -92,13 +98,94 @@ SUMMARY_COLUMNS = (
     "to_environment__stage",
     "created_by__username",
 )
+_SUMMARY_DATETIMES = ("created_at", "promoted_at", "failed_at", "rolled_back_at")
 
 
-def release_summary_rows(releases: QuerySet[Release]) -> QuerySet[dict]:
-    """release_filter's releases as plain rows (serializers.release_summary_row): a page of the API's
-    list then builds no model instances, which with thousands of releases is most of its cost.
-    Count the releases on `releases` itself: counting these rows would join every release."""
-    return releases.values(*SUMMARY_COLUMNS)
+class ReleaseSummaries:
+    """The API list's releases as summary rows, newest first: countable and sliceable for a paginator.
+
+    Two statements per page whatever its size, COUNT(*) and the page, written in plain SQL (both
+    dialects): with 10,000 releases, building them through the ORM cost several times the SQL itself
+    (query compilation, model instances, JSON columns no summary shows), making the list several
+    times slower than an endpoint that only authenticates. The keys are SUMMARY_COLUMNS.
+    """
+
+    ordered = True
+
+    def __init__(self, *, tenant: Tenant, status: str | None = None, to_env: str | None = None) -> None:
+        _check_list_filters(status=status, to_env=to_env)
+        quote = connection.ops.quote_name
+        release, environment = Release._meta, Environment._meta
+        user = Release._meta.get_field("created_by").related_model._meta
+
+        def col(name: str) -> str:
+            return f"r.{quote(release.get_field(name).column)}"
+
+        to_environment = (
+            f" INNER JOIN {quote(environment.db_table)} te ON te.{quote(environment.pk.column)} = "
+            f"{col('to_environment')}"
+        )
+        stage = quote(environment.get_field("stage").column)
+        where, params = [f"{col('tenant')} = %s"], [tenant.pk]
+        if status:
+            where.append(f"{col('status')} = %s")
+            params.append(status)
+        if to_env:
+            where.append(f"te.{stage} = %s")
+            params.append(to_env)
+        self._where, self._params = " AND ".join(where), params
+        # COUNT(*) joins the environments only to filter by to_env: a join per release otherwise.
+        self._count_from = f"{quote(release.db_table)} r" + (to_environment if to_env else "")
+        self._page_from = (
+            f"{quote(release.db_table)} r{to_environment}"
+            f" INNER JOIN {quote(environment.db_table)} fe ON fe.{quote(environment.pk.column)} = "
+            f"{col('from_environment')}"
+            f" LEFT OUTER JOIN {quote(user.db_table)} u ON u.{quote(user.pk.column)} = {col('created_by')}"
+        )
+        self._select = ", ".join(
+            [col(name) for name in SUMMARY_COLUMNS[:8]]
+            + [f"fe.{stage}", f"te.{stage}", f"u.{quote(user.get_field('username').column)}"]
+        )
+        self._order = f"{col('created_at')} DESC, {col('id')} DESC"
+        self._count: int | None = None
+
+    def count(self) -> int:
+        if self._count is None:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SELECT COUNT(*) FROM {self._count_from} WHERE {self._where}", self._params)
+                self._count = cursor.fetchone()[0]
+        return self._count
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __getitem__(self, key: slice) -> list[dict]:
+        if not isinstance(key, slice) or key.step is not None:
+            raise TypeError("ReleaseSummaries takes slices without a step")
+        offset = max(key.start or 0, 0)
+        limit = (key.stop if key.stop is not None else self.count()) - offset
+        if limit <= 0:
+            return []
+        sql = (
+            f"SELECT {self._select} FROM {self._page_from} WHERE {self._where} "
+            f"ORDER BY {self._order} LIMIT %s OFFSET %s"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*self._params, limit, offset])
+            rows = [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in cursor.fetchall()]
+        for row in rows:
+            for name in _SUMMARY_DATETIMES:
+                row[name] = _aware(row[name])
+        return rows
+
+
+def _aware(value: datetime | str | None) -> datetime | None:
+    """A timestamp from a raw row: SQLite gives naive UTC (or text), PostgreSQL aware values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def live_release(*, environment: Environment) -> Release | None:

@@ -111,13 +111,37 @@ def test_release_list__summaries__no_sql_and_no_bundle(client):
 
 def test_release_summary_row__same_as_release_summary(client):
     from releases.api.serializers import release_summary, release_summary_row
-    from releases.selectors import release_list, release_summary_rows
+    from releases.selectors import ReleaseSummaries, release_list
 
     tenant = Release.objects.first().tenant
     Release.objects.filter(pk=Release.objects.order_by("pk").first().pk).update(
         created_by=None, promoted_at=timezone.now(), error_message="boom"
     )
-    rows = [release_summary_row(row) for row in release_summary_rows(release_list(tenant=tenant))]
+    rows = [release_summary_row(row) for row in ReleaseSummaries(tenant=tenant)[0:RELEASES]]
     models = [release_summary(release) for release in release_list(tenant=tenant)]
     assert len(rows) == RELEASES and rows == models
     assert any(item["created_by"] is None and item["error_message"] == "boom" for item in rows)
+
+
+@pytest.mark.parametrize(
+    "filters", [{"status": "promoted"}, {"to_env": "prod"}, {"status": "failed", "to_env": "prod"}, {}]
+)
+def test_release_summaries__filters_and_slices__same_releases_as_the_orm(client, filters):
+    from releases.api.serializers import release_summary, release_summary_row
+    from releases.selectors import ReleaseSummaries, release_list
+
+    tenant = Release.objects.first().tenant
+    expected = [release_summary(release) for release in release_list(tenant=tenant, **filters)]
+    summaries = ReleaseSummaries(tenant=tenant, **filters)
+    assert summaries.count() == len(expected) > 0
+    assert [release_summary_row(row) for row in summaries[7:19]] == expected[7:19]
+    assert summaries[len(expected) : len(expected) + 5] == []
+
+
+def test_release_list__page_two__continues_where_page_one_ends(client):
+    first = client.get("/api/releases/?page_size=30").json()["data"]
+    second = client.get(first["next"]).json()["data"]
+    assert second["count"] == RELEASES and second["previous"]
+    ids = [item["release_id"] for item in first["results"] + second["results"]]
+    assert len(ids) == len(set(ids)) == 60
+    assert client.get("/api/releases/?page=999").status_code == 404

@@ -55,7 +55,7 @@ def release_summary(release: Release) -> dict[str, Any]:
 
 
 def release_summary_row(row: dict[str, Any]) -> dict[str, Any]:
-    """release_summary from a selectors.release_summary_rows row (same keys, same values)."""
+    """release_summary from a selectors.ReleaseSummaries row (same keys, same values)."""
     return {
         "id": row["release_id"],
         "release_id": row["release_id"],

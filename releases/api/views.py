@@ -168,25 +168,6 @@ class ReleasePagination(PageNumberPagination):
         )
 
 
-class _CountedRows:
-    """What the paginator pages: summary rows (no model instances) for the page, the total from the
-    releases' own COUNT(*) (counting the rows would join every release to its environments)."""
-
-    def __init__(self, releases) -> None:
-        self.releases = releases
-        self.rows = selectors.release_summary_rows(releases)
-        self.ordered = True
-
-    def count(self) -> int:
-        return self.releases.count()
-
-    def __len__(self) -> int:
-        return self.count()
-
-    def __getitem__(self, key):
-        return self.rows[key]
-
-
 class ReleaseListView(APIView):
     """Releases of the tenant, newest first, filtered by status and to_env."""
 
@@ -211,13 +192,13 @@ class ReleaseListView(APIView):
         responses={200: envelope(ReleasePageOutput), **error_responses(404)},
     )
     def get(self, request: Request) -> Response:
-        releases = selectors.release_filter(
+        releases = selectors.ReleaseSummaries(
             tenant=request.tenant,
             status=request.query_params.get("status"),
             to_env=request.query_params.get("to_env"),
         )
         paginator = ReleasePagination()
-        page = paginator.paginate_queryset(_CountedRows(releases), request, view=self)
+        page = paginator.paginate_queryset(releases, request, view=self)
         return paginator.get_paginated_response([release_summary_row(row) for row in page])
 
 
