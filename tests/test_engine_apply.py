@@ -614,3 +614,18 @@ def rows_by_name_keyed(url: str, table: str) -> list[dict]:
         cursor.execute(f'SELECT * FROM "{table}"')
         names = [column[0] for column in cursor.description]
         return sorted((dict(zip(names, row, strict=True)) for row in cursor.fetchall()), key=repr)
+
+
+def test_apply__flags_only_release_without_changes__history_row_and_schema_unchanged(database_factory):
+    url = database_factory()
+    seed(url, 2)
+    before = snapshot(url)
+    release = Release(url, [], "rel_flags_only", pk=9)
+    assert release.plan.changes == [] and release.plan.fingerprint_before == release.plan.fingerprint_after
+    result = release.apply()
+    assert result.statements == 0 and result.preservations == []
+    assert snapshot(url) == before
+    with open_target(url) as target:
+        assert [(r["release_id"], r["direction"]) for r in history(target, release_pk=9)] == [
+            ("rel_flags_only", "forward")
+        ]
