@@ -1,7 +1,7 @@
 """Load benchmark: the release list over 10,000 releases against a bare authenticated endpoint, and
 20 concurrent CI clients preparing and promoting on their own tenants.
 
-    python -m benchmarks.load [--releases 10000] [--rounds 3] [--seconds 3] [--concurrency 4]
+    python -m benchmarks.load [--releases 10000] [--rounds 5] [--seconds 3] [--concurrency 4]
                               [--clients 20] [--control-db sqlite|postgres]
 
 Everything runs against a real server: a fresh control database (a SQLite file, or a new PostgreSQL

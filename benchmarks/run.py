@@ -412,7 +412,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"working directory kept: {workdir}")
-    return 0 if met else 1
+    # The API under load (benchmarks/load.py, its own server and control database): the release
+    # list against a bare authenticated view, and 20 concurrent CI clients.
+    from benchmarks import load
+
+    print()
+    load_met = load.main([]) == 0
+    return 0 if met and load_met else 1
 
 
 if __name__ == "__main__":
