@@ -21,7 +21,9 @@ from .schema import build_model, field_attribute, introspect, table_columns
 from .target import Target
 
 _READ_ONLY = re.compile(r"^\s*(SELECT|PRAGMA|SHOW|EXPLAIN)\b", re.I)
-_PG_CASCADE = re.compile(r"^\s*(DROP TABLE\b.*|ALTER TABLE\b.*\bDROP COLUMN\b.*?)\s+CASCADE\s*$", re.I | re.S)
+# Django's PostgreSQL editor ends its DROP TABLE / DROP COLUMN / DROP SEQUENCE with CASCADE, which would
+# silently take dependent views, foreign keys and defaults along: without it such a drop fails instead.
+_PG_CASCADE = re.compile(r"^\s*(DROP\b.*|ALTER TABLE\b.*\bDROP\b.*?)\s+CASCADE\s*$", re.I | re.S)
 VALUE_ATTRIBUTES = ("type", "max_length", "precision", "scale")
 
 
