@@ -274,13 +274,21 @@ class Plan:
         return asdict(self)
 
 
-def statements_sha256(changes: list[dict]) -> str:
-    """sha256 over the canonical JSON of every forward and rollback statement, in order."""
+def statements_sha256(changes: list[Any]) -> str:
+    """sha256 over the canonical JSON of every forward and rollback statement, in order.
+
+    `changes` are Plan change dicts or `Migration` rows (in position order).
+    """
+
+    def field_of(change: Any, key: str) -> list:
+        value = change.get(key) if isinstance(change, dict) else getattr(change, key, None)
+        return list(value or [])
+
     return sha256_hex(
         [
             {
-                "statements": change.get("statements", []),
-                "rollback_statements": change.get("rollback_statements", []),
+                "statements": field_of(change, "statements"),
+                "rollback_statements": field_of(change, "rollback_statements"),
             }
             for change in changes
         ]
