@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sqlite3
 import subprocess
@@ -12,7 +13,6 @@ from typing import Any
 import environ
 import pytest
 
-from releases.engine import backup as backup_module
 from releases.engine.backup import (
     BackupError,
     backup,
@@ -145,6 +145,8 @@ def test_backup__password_in_url__never_in_argv_but_in_environment(
         calls.append((list(command), dict(kwargs.get("env") or {})))
         return real_run(command, *args, **kwargs)
 
+    # The module, not the function of the same name that releases.engine re-exports.
+    backup_module = importlib.import_module("releases.engine.backup")
     monkeypatch.setattr(backup_module.subprocess, "run", recording_run)
 
     info = backup(url, ["orders"], tmp_path, "pw")
