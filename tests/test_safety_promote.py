@@ -275,12 +275,6 @@ def test_promote__sqlite_target_exclusively_locked_by_another_session__failed_ta
     assert "_rm_history" not in table_names(world.urls["staging"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine (target.py open_target): a SQLite target locked by another session fails the connect "
-    "probe after sqlite3's default 5 s as target_unreachable; it should use the environment's lock "
-    "timeout as busy_timeout and report lock_timeout",
-)
 @pytest.mark.django_db
 def test_promote__sqlite_target_exclusively_locked__lock_timeout_within_the_budget(sqlite_database_factory):
     world, release_id = locked_world(sqlite_database_factory)
