@@ -10,6 +10,7 @@ from __future__ import annotations
 from auditlog.mixins import AuditlogHistoryAdminMixin
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.http import Http404, HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
@@ -112,6 +113,10 @@ class TenantScopedAdmin(AuditlogHistoryAdminMixin, admin.ModelAdmin):
             kwargs["queryset"] = Tenant.objects.filter(pk__in=ids)
         elif ids is not None and db_field.related_model is Environment:
             kwargs["queryset"] = Environment.objects.filter(tenant__in=ids).select_related("tenant")
+        elif ids is not None and db_field.related_model is get_user_model():
+            # Usernames of other tenants stay hidden: a tenant admin picks among their tenants' members
+            # (a user's first membership is given by a superuser or `manage.py tenant_setup`).
+            kwargs["queryset"] = get_user_model().objects.filter(memberships__tenant__in=ids).distinct()
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def auditlog_history_view(self, request: HttpRequest, object_id, extra_context=None):

@@ -190,12 +190,23 @@ def test_api_token__user_not_member_or_other_tenant__refused_no_token(acme):
     response = client.post(
         reverse("admin:tenants_apitoken_add"), {"tenant": acme["tenant"].pk, "user": stranger.pk, "name": "x"}
     )
-    assert response.status_code == 200 and "is not a member of acme" in response.content.decode()
+    # The stranger is not even offered to a tenant admin; posting them anyway is refused.
+    assert response.status_code == 200 and "Select a valid choice" in response.content.decode()
+    assert ApiToken.objects.count() == 0
     response = client.post(
         reverse("admin:tenants_apitoken_add"),
         {"tenant": acme["other"].pk, "user": acme["other_admin"].pk, "name": "y"},
     )
     assert response.status_code == 200 and ApiToken.objects.count() == 0
+
+
+def test_user_choices__tenant_admin__only_members_of_their_tenants_listed(acme):
+    UserFactory(username="stranger-of-nowhere")
+    client = login(acme[Role.ADMIN])
+    for name in ("tenants_apitoken_add", "tenants_membership_add"):
+        html = client.get(reverse(f"admin:{name}")).content.decode()
+        assert acme["other_admin"].username not in html and "stranger-of-nowhere" not in html
+        assert acme[Role.ADMIN].username in html
 
 
 # --- tenant isolation in the tenants admin -----------------------------------------------------------------
