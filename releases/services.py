@@ -570,7 +570,16 @@ def release_promote(
     owner = _begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=user)
     actor_pk = user.pk if user is not None else None
     _dispatch(tasks.promote_task, release.pk, owner, actor_pk)
-    return _wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
+    release = _wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
+    if (
+        release.status == ReleaseStatus.PREPARED
+        and release.error_code == "environment_busy"
+        and settings.CELERY_TASK_ALWAYS_EAGER
+    ):
+        raise Conflict(
+            release.error_message, code="environment_busy", details={"release_id": release.release_id}
+        )
+    return release
 
 
 def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None) -> None:
@@ -591,9 +600,8 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
         with _Heartbeat(environment.pk, owner), engine.open_target(environment.database_url) as target:
             with engine.target_lock(target, _target_lock_key(environment)) as locked:
                 if not locked:
-                    raise engine.EngineError(
-                        "environment_busy", "Another session holds the target's release lock."
-                    )
+                    _settle_promote_busy(release)  # nothing ran: the release can be promoted again
+                    return
                 if _history_has(target, release, "forward"):
                     _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
                     return
@@ -761,6 +769,23 @@ def _settle_promoted(
     logger.info("release %s promoted", release.release_id, extra=_log_extra(release, phase="promote"))
     _notify(release, "promoted")
     _enqueue_post_deployment(release)
+
+
+def _settle_promote_busy(release: Release) -> None:
+    """Another session holds the target's release lock (another control database, a purge): nothing
+    was run, so the release goes back to `prepared` (409 environment_busy in-process) instead of failing."""
+    moved = Release.objects.filter(pk=release.pk, status=ReleaseStatus.PROMOTING).update(
+        status=ReleaseStatus.PREPARED,
+        status_changed_at=timezone.now(),
+        error_code="environment_busy",
+        error_message="Another session holds the target's release lock; nothing was run. Try again when it is done.",
+    )
+    if moved:
+        logger.warning(
+            "promotion of %s deferred: the target's release lock is held",
+            release.release_id,
+            extra=_log_extra(release, phase="promote", status=ReleaseStatus.PREPARED),
+        )
 
 
 def _settle_failed(release: Release, *, code: str, message: str, actor: AbstractBaseUser | None) -> None:
