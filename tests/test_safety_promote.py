@@ -378,3 +378,29 @@ def test_promote__backup_dir_not_writable__failed_backup_failed_target_unchanged
     assert "BACKUP_DIR" in data["error_message"] and str(tmp_path) not in data["error_message"]
     assert target_state(world.urls["staging"]) == before
     assert os.path.isfile(blocker)
+
+
+# --- the target's release lock held elsewhere ------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_promote__target_release_lock_held_by_another_session__409_environment_busy_release_stays_prepared(
+    world,
+):
+    """E.g. a retention purge or a promote driven from another control database holds the target's lock."""
+    from releases import engine
+    from releases.services import _target_lock_key
+
+    release_id = world.prepared(changes(add_column("accounts", "plan", "string", max_length=20)))
+    before = target_state(world.urls["staging"])
+    with engine.open_target(world.urls["staging"]) as target:
+        with engine.target_lock(target, _target_lock_key(world.environment("staging"))) as locked:
+            assert locked
+            response = world.promote(release_id)
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "environment_busy"
+    assert target_state(world.urls["staging"]) == before
+    assert Release.objects.get(release_id=release_id).status == "prepared"
+    assert not AuditEvent.objects.filter(event="release.failed", release__release_id=release_id).exists()
+    # Once the lock is free, the same release promotes.
+    assert world.promote(release_id).json()["data"]["status"] == "promoted"
