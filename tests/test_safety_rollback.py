@@ -416,3 +416,32 @@ def test_rollback__not_null_column_dropped_then_rows_added__409_rollback_blocked
     run_sql(world.urls["staging"], "DELETE FROM items WHERE id = 1000")
     assert world.rollback(release_id).json()["data"]["status"] == "rolled_back"
     assert item_rows(world.urls["staging"]) == ITEM_ROWS
+
+
+def test_rollback__target_changed_by_hand_after_promote__409_schema_drift_nothing_run(world):
+    release_id = world.promoted(changes(add_column("items", "color", "string", max_length=20)))
+    run_sql(world.urls["staging"], "CREATE INDEX items_color_by_hand ON items (color)")
+    state = target_state(world.urls["staging"])
+    response = world.rollback(release_id)
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "schema_drift"
+    assert target_state(world.urls["staging"]) == state
+    release = Release.objects.get(release_id=release_id)
+    assert release.status == "promoted" and release.error_code == "schema_drift"
+    environments = {e["name"]: e for e in world.client.get("/api/environments/").json()["data"]}
+    assert environments["staging"]["live_release"] == release_id
+
+
+def test_rollback__live_release_moves_back_on_the_environments_endpoint(world):
+    first = world.promoted(changes(create_table("alpha")))
+    second = world.promoted(changes(create_table("beta")))
+
+    def live() -> str | None:
+        entries = world.client.get("/api/environments/").json()["data"]
+        return next(e for e in entries if e["name"] == "staging")["live_release"]
+
+    assert live() == second
+    world.rollback(second)
+    assert live() == first
+    world.rollback(first)
+    assert live() is None
