@@ -48,9 +48,12 @@ run: install
 # Pass 1: the whole suite with the SQLite control database (SQLite and PostgreSQL targets).
 # Pass 2: the control-database-sensitive tests with PostgreSQL as the control database.
 # Any pytest failure fails the target, exit code 5 ("no tests collected") included.
+# Both passes run even when the first fails, so one CI run reports everything.
 test: install
-	$(MAKE) --no-print-directory test-sqlite
-	$(MAKE) --no-print-directory test-pg-control
+	@status=0; \
+	$(MAKE) --no-print-directory test-sqlite || status=1; \
+	$(MAKE) --no-print-directory test-pg-control || status=1; \
+	exit $$status
 
 test-sqlite: install
 	env -u DATABASE_URL $(PY) -m pytest -q $(PYTEST_ARGS)

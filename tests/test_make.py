@@ -65,6 +65,15 @@ def test_make_test_pg_control__postgresql_absent__skipped_locally_but_a_failure_
     assert ci.returncode != 0 and "pass skipped" not in ci.stdout
 
 
+def test_make_test__no_tests_collected__both_passes_run_and_the_target_fails():
+    result = make("test", "PYTEST_ARGS=-k no_such_test_anywhere -p no:cacheprovider", "CI=", dry_run=False)
+
+    assert result.returncode != 0
+    # pytest's exit code 5 ("no tests collected") fails each pass, and the second still ran.
+    assert "test-sqlite] Error 5" in result.stderr, result.stderr[-2000:]
+    assert "test-pg-control] Error 5" in result.stderr or "pass skipped" in result.stdout
+
+
 # --- the guide's GitHub Actions workflow, its scripts run against a live server ----------------------
 
 
