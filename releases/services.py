@@ -191,7 +191,9 @@ def release_prepare(
         )
     bundle_sha = engine.sha256_hex(bundle)
 
-    with engine.open_target(to_environment.database_url) as target:
+    with engine.open_target(
+        to_environment.database_url, lock_timeout_ms=to_environment.dry_run_lock_timeout_ms
+    ) as target:
         schema = engine.introspect(target)
         try:
             engine.check_dependencies(schema, changes)
@@ -597,7 +599,12 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
         return  # another process holds a live lease on this environment; it owns the outcome
     started = time.monotonic()
     try:
-        with _Heartbeat(environment.pk, owner), engine.open_target(environment.database_url) as target:
+        with (
+            _Heartbeat(environment.pk, owner),
+            engine.open_target(
+                environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
+            ) as target,
+        ):
             with engine.target_lock(target, _target_lock_key(environment)) as locked:
                 if not locked:
                     _settle_promote_busy(release)  # nothing ran: the release can be promoted again
@@ -906,7 +913,12 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
         return
     started = time.monotonic()
     try:
-        with _Heartbeat(environment.pk, owner), engine.open_target(environment.database_url) as target:
+        with (
+            _Heartbeat(environment.pk, owner),
+            engine.open_target(
+                environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
+            ) as target,
+        ):
             with engine.target_lock(target, _target_lock_key(environment)) as locked:
                 if not locked:
                     raise engine.EngineError(

@@ -235,11 +235,6 @@ def test_promote__postgresql_table_access_exclusive_in_another_session__fails_fa
     assert Release.objects.get(release_id=release_id).status == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine (backup.py): pg_dump's lock wait failure is a BackupError with code backup_failed; "
-    "it should carry code lock_timeout so a held lock reads the same whether the backup or the apply met it",
-)
 @pytest.mark.django_db
 def test_promote__postgresql_table_access_exclusive_in_another_session__error_code_lock_timeout(
     pg_database_factory,

@@ -51,9 +51,11 @@ class BackupError(RuntimeError):
 
     code = "backup_failed"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def backup(
                 config, requested, Path(dest_dir), label, lock_wait_timeout_ms, timeout_seconds
             )
     except BackupError as exc:
-        raise BackupError(scrub(exc.message, secrets)) from None
+        raise BackupError(scrub(exc.message, secrets), code=exc.code) from None
     except (OSError, sqlite3.Error) as exc:
         raise BackupError(scrub(f"backup failed: {exc}", secrets)) from None
     raise BackupError("backup is supported for PostgreSQL and SQLite targets only")
@@ -286,7 +288,8 @@ def _backup_postgresql(
             if "LOCK TABLE" in exc.message:
                 raise BackupError(
                     f"pg_dump could not lock a table within {lock_wait_timeout_ms} ms (another session holds "
-                    f"a conflicting lock); retry later. {exc.message}"
+                    f"a conflicting lock); retry later. {exc.message}",
+                    code="lock_timeout",
                 ) from None
             raise
         os.chmod(partial, 0o600)
