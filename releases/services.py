@@ -967,6 +967,13 @@ def _settle_rolled_back(
             return {}
         _preservations_record(release, preservations or [], direction="rollback")
         flags = flags_restore(environment=release.to_environment, flag_changes=release.flag_changes)
+        if release.flag_changes:
+            # The manifest says which flags went back and which were changed since and left alone.
+            outcome = {
+                name: {**change, "restored": name in flags["restored"]}
+                for name, change in release.flag_changes.items()
+            }
+            Release.objects.filter(pk=release.pk).update(flag_changes=outcome)
         release.refresh_from_db()
         audit_record(
             event="release.rollback",

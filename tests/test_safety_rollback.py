@@ -222,10 +222,14 @@ def test_flags__changed_by_hand_after_promote__not_restored_on_rollback_but_repo
         value="enterprise"
     )
 
-    assert world.rollback(release_id).json()["data"]["status"] == "rolled_back"
+    data = world.rollback(release_id).json()["data"]
+    assert data["status"] == "rolled_back"
     assert flags(world) == {"beta": False, "tier": "enterprise"}
     event = AuditEvent.objects.get(event="release.rollback", release__release_id=release_id)
     assert event.payload["flags"] == {"restored": ["beta"], "not_restored": ["tier"]}
+    # The rollback's own answer reports it too.
+    assert data["flag_changes"]["beta"]["restored"] is True
+    assert data["flag_changes"]["tier"]["restored"] is False
 
 
 def test_flags__failed_promote__flags_untouched(world):
