@@ -9,24 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-VOCABULARY_TYPES = frozenset(
-    {
-        "string",
-        "text",
-        "integer",
-        "bigint",
-        "smallint",
-        "boolean",
-        "date",
-        "datetime",
-        "time",
-        "decimal",
-        "float",
-        "uuid",
-        "json",
-        "binary",
-    }
-)
+from .bundle import COLUMN_TYPES
+
+VOCABULARY_TYPES = frozenset(COLUMN_TYPES)
 PRIMARY_KEY_TYPES = ("integer", "bigint", "smallint", "string", "uuid")
 # Attribute order of a normalized column (after "name"), and of modify_column's listed attributes.
 COLUMN_ATTRIBUTES = (
