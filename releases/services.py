@@ -6,13 +6,14 @@ of releases left in flight by a dead worker, feature flags and audit events.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -599,33 +600,27 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
         return  # another process holds a live lease on this environment; it owns the outcome
     started = time.monotonic()
     try:
-        with (
-            _Heartbeat(environment.pk, owner),
-            engine.open_target(
-                environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
-            ) as target,
-        ):
-            with engine.target_lock(target, _target_lock_key(environment)) as locked:
-                if not locked:
-                    _settle_promote_busy(release)  # nothing ran: the release can be promoted again
-                    return
-                if _history_has(target, release, "forward"):
-                    _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
-                    return
-                changes = _approved_changes(release)
-                _backup(release, environment)
-                result = engine.apply(
-                    target,
-                    release_pk=release.pk,
-                    release_id=release.release_id,
-                    bundle_sha256=release.bundle_sha256,
-                    changes=changes,
-                    expected_native_before=release.native_fingerprint_before,
-                    expected_fingerprint_after=release.fingerprint_after,
-                    lock_timeout_ms=environment.apply_lock_timeout_ms,
-                    lock_retries=environment.apply_lock_retries,
-                    statement_timeout_ms=environment.apply_statement_timeout_ms,
-                )
+        with _target_session(environment, owner) as (target, locked):
+            if not locked:
+                _settle_promote_busy(release)  # nothing ran: the release can be promoted again
+                return
+            if _history_has(target, release, "forward"):
+                _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
+                return
+            changes = _approved_changes(release)
+            _backup(release, environment)
+            result = engine.apply(
+                target,
+                release_pk=release.pk,
+                release_id=release.release_id,
+                bundle_sha256=release.bundle_sha256,
+                changes=changes,
+                expected_native_before=release.native_fingerprint_before,
+                expected_fingerprint_after=release.fingerprint_after,
+                lock_timeout_ms=environment.apply_lock_timeout_ms,
+                lock_retries=environment.apply_lock_retries,
+                statement_timeout_ms=environment.apply_statement_timeout_ms,
+            )
         _settle_promoted(
             release,
             native_after=result.native_fingerprint_after,
@@ -643,6 +638,19 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
         )
     finally:
         _lease_release(environment, owner)
+
+
+@contextlib.contextmanager
+def _target_session(environment: Environment, owner: str) -> Iterator[tuple[Any, bool]]:
+    """Keep the lease alive, open the target with the apply lock timeout and try its release lock."""
+    with (
+        _Heartbeat(environment.pk, owner),
+        engine.open_target(
+            environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
+        ) as target,
+        engine.target_lock(target, _target_lock_key(environment)) as locked,
+    ):
+        yield target, locked
 
 
 def _release_for_task(release_pk: int) -> Release | None:
@@ -913,32 +921,26 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
         return
     started = time.monotonic()
     try:
-        with (
-            _Heartbeat(environment.pk, owner),
-            engine.open_target(
-                environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
-            ) as target,
-        ):
-            with engine.target_lock(target, _target_lock_key(environment)) as locked:
-                if not locked:
-                    raise engine.EngineError(
-                        "environment_busy", "Another session holds the target's release lock."
-                    )
-                if _history_has(target, release, "rollback"):
-                    _settle_rolled_back(release, actor=actor)
-                    return
-                result = engine.rollback(
-                    target,
-                    release_pk=release.pk,
-                    release_id=release.release_id,
-                    bundle_sha256=release.bundle_sha256,
-                    changes=_approved_changes(release),
-                    expected_native_after=release.native_fingerprint_after,
-                    expected_fingerprint_before=release.fingerprint_before,
-                    lock_timeout_ms=environment.apply_lock_timeout_ms,
-                    lock_retries=environment.apply_lock_retries,
-                    statement_timeout_ms=environment.apply_statement_timeout_ms,
+        with _target_session(environment, owner) as (target, locked):
+            if not locked:
+                raise engine.EngineError(
+                    "environment_busy", "Another session holds the target's release lock."
                 )
+            if _history_has(target, release, "rollback"):
+                _settle_rolled_back(release, actor=actor)
+                return
+            result = engine.rollback(
+                target,
+                release_pk=release.pk,
+                release_id=release.release_id,
+                bundle_sha256=release.bundle_sha256,
+                changes=_approved_changes(release),
+                expected_native_after=release.native_fingerprint_after,
+                expected_fingerprint_before=release.fingerprint_before,
+                lock_timeout_ms=environment.apply_lock_timeout_ms,
+                lock_retries=environment.apply_lock_retries,
+                statement_timeout_ms=environment.apply_statement_timeout_ms,
+            )
         _settle_rolled_back(release, actor=actor, preservations=result.preservations)
         _rebase_live_release(environment, result)
         metrics.observe("rollback", time.monotonic() - started, **_labels(release))
