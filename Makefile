@@ -19,6 +19,9 @@ PG_CONTROL_TESTS ?= tests/test_api_releases.py tests/test_commands.py tests/test
 	tests/test_worker_tasks.py tests/test_worker_live.py tests/test_audit.py tests/test_health.py \
 	tests/test_metrics.py
 PYTEST_ARGS ?=
+# The first pass runs on two pytest-xdist workers, a test file each at a time (tests share no
+# fixed database names, broker keys or ports); PYTEST_XDIST= runs it in one process.
+PYTEST_XDIST ?= -n 2 --dist loadfile
 # e.g. BENCH_ARGS="--sizes 50,500 --repeat 3" (see benchmarks/README.md)
 BENCH_ARGS ?=
 
@@ -56,7 +59,7 @@ test: install
 	exit $$status
 
 test-sqlite: install
-	env -u DATABASE_URL $(PY) -m pytest -q $(PYTEST_ARGS)
+	env -u DATABASE_URL $(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # Without PostgreSQL (a fresh laptop) this pass is skipped, like the PostgreSQL tests of the first
 # pass; under CI=true it runs, and a missing server fails it.

@@ -66,7 +66,13 @@ def test_make_test_pg_control__postgresql_absent__skipped_locally_but_a_failure_
 
 
 def test_make_test__no_tests_collected__both_passes_run_and_the_target_fails():
-    result = make("test", "PYTEST_ARGS=-k no_such_test_anywhere -p no:cacheprovider", "CI=", dry_run=False)
+    result = make(
+        "test",
+        "PYTEST_ARGS=-k no_such_test_anywhere -p no:cacheprovider",
+        "PYTEST_XDIST=",
+        "CI=",
+        dry_run=False,
+    )
 
     assert result.returncode != 0
     # pytest's exit code 5 ("no tests collected") fails each pass, and the second still ran.
