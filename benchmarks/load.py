@@ -53,6 +53,7 @@ def bench_env(workdir: Path, control_url: str) -> dict[str, str]:
             "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
             "RELEASEMGR_ENV": "development",
             "DEBUG": "false",  # DEBUG keeps every query in memory: not what a server runs with
+            "CONN_MAX_AGE": "60",  # persistent connections, the production default (settings.py)
             "DATABASE_URL": control_url,
             "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
@@ -279,27 +280,39 @@ class Sample:
 
 
 def hammer(url: str, headers: dict[str, str], seconds: float, concurrency: int, into: Sample) -> None:
-    """`concurrency` keep-alive clients GET `url` for `seconds`; counts 200s, errors and latencies."""
-    import requests
+    """`concurrency` keep-alive clients GET `url` for `seconds`; counts 200s, errors and latencies.
 
+    The clients use http.client, not requests: they share the machine with the server, and a heavy
+    client (several times http.client's CPU per response, more for larger bodies) would measure
+    itself. Each body is read whole and checked cheaply.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def client() -> None:
         ok = errors = 0
         latencies: list[float] = []
-        with requests.Session() as session:
-            session.headers.update(headers)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:
-                    response = session.get(url, timeout=30)
-                    # A cheap check: parsing every body here would spend the CPU the server shares.
-                    good = response.status_code == 200 and response.content.startswith(b'{"success":true')
-                except requests.RequestException:
+                    connection.request("GET", path, headers=headers)
+                    response = connection.getresponse()
+                    body = response.read()
+                    good = response.status == 200 and body.startswith(b'{"success":true')
+                except (OSError, http.client.HTTPException):
                     good = False
+                    connection.close()  # reconnects on the next request
                 latencies.append(time.perf_counter() - started)
                 ok, errors = (ok + 1, errors) if good else (ok, errors + 1)
+        finally:
+            connection.close()
         with lock:
             into.ok += ok
             into.errors += errors

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import functools
 
 from django.db import connection
 from django.db.models import Prefetch, QuerySet
-from django.utils.dateparse import parse_datetime
 
 from releasemgr.api import NotFound, ValidationFailed
 from tenants.models import Environment, Stage, Tenant
@@ -103,6 +102,7 @@ _SUMMARY_DATETIMES = ("created_at", "promoted_at", "failed_at", "rolled_back_at"
 
 class ReleaseSummaries:
     """The API list's releases as summary rows, newest first: countable and sliceable for a paginator.
+    Timestamps come as ISO 8601 strings in UTC with a Z.
 
     Two statements per page whatever its size, COUNT(*) and the page, written in plain SQL (both
     dialects): with 10,000 releases, building them through the ORM cost several times the SQL itself
@@ -114,45 +114,14 @@ class ReleaseSummaries:
 
     def __init__(self, *, tenant: Tenant, status: str | None = None, to_env: str | None = None) -> None:
         _check_list_filters(status=status, to_env=to_env)
-        quote = connection.ops.quote_name
-        release, environment = Release._meta, Environment._meta
-        user = Release._meta.get_field("created_by").related_model._meta
-
-        def col(name: str) -> str:
-            return f"r.{quote(release.get_field(name).column)}"
-
-        to_environment = (
-            f" INNER JOIN {quote(environment.db_table)} te ON te.{quote(environment.pk.column)} = "
-            f"{col('to_environment')}"
-        )
-        stage = quote(environment.get_field("stage").column)
-        where, params = [f"{col('tenant')} = %s"], [tenant.pk]
-        if status:
-            where.append(f"{col('status')} = %s")
-            params.append(status)
-        if to_env:
-            where.append(f"te.{stage} = %s")
-            params.append(to_env)
-        self._where, self._params = " AND ".join(where), params
-        # COUNT(*) joins the environments only to filter by to_env: a join per release otherwise.
-        self._count_from = f"{quote(release.db_table)} r" + (to_environment if to_env else "")
-        self._page_from = (
-            f"{quote(release.db_table)} r{to_environment}"
-            f" INNER JOIN {quote(environment.db_table)} fe ON fe.{quote(environment.pk.column)} = "
-            f"{col('from_environment')}"
-            f" LEFT OUTER JOIN {quote(user.db_table)} u ON u.{quote(user.pk.column)} = {col('created_by')}"
-        )
-        self._select = ", ".join(
-            [col(name) for name in SUMMARY_COLUMNS[:8]]
-            + [f"fe.{stage}", f"te.{stage}", f"u.{quote(user.get_field('username').column)}"]
-        )
-        self._order = f"{col('created_at')} DESC, {col('id')} DESC"
+        self._count_sql, self._page_sql = _summary_sql(connection.vendor, bool(status), bool(to_env))
+        self._params = [tenant.pk] + ([status] if status else []) + ([to_env] if to_env else [])
         self._count: int | None = None
 
     def count(self) -> int:
         if self._count is None:
             with connection.cursor() as cursor:
-                cursor.execute(f"SELECT COUNT(*) FROM {self._count_from} WHERE {self._where}", self._params)
+                cursor.execute(self._count_sql, self._params)
                 self._count = cursor.fetchone()[0]
         return self._count
 
@@ -166,26 +135,60 @@ class ReleaseSummaries:
         limit = (key.stop if key.stop is not None else self.count()) - offset
         if limit <= 0:
             return []
-        sql = (
-            f"SELECT {self._select} FROM {self._page_from} WHERE {self._where} "
-            f"ORDER BY {self._order} LIMIT %s OFFSET %s"
-        )
         with connection.cursor() as cursor:
-            cursor.execute(sql, [*self._params, limit, offset])
-            rows = [dict(zip(SUMMARY_COLUMNS, row, strict=True)) for row in cursor.fetchall()]
-        for row in rows:
-            for name in _SUMMARY_DATETIMES:
-                row[name] = _aware(row[name])
-        return rows
+            cursor.execute(self._page_sql, [*self._params, limit, offset])
+            return [
+                dict(zip(SUMMARY_COLUMNS, row[:3] + tuple(map(_iso_text, row[3:7])) + row[7:], strict=True))
+                for row in cursor.fetchall()
+            ]
 
 
-def _aware(value: datetime | str | None) -> datetime | None:
-    """A timestamp from a raw row: SQLite gives naive UTC (or text), PostgreSQL aware values."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = parse_datetime(value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+@functools.lru_cache(maxsize=16)
+def _summary_sql(vendor: str, by_status: bool, by_to_env: bool) -> tuple[str, str]:
+    """COUNT(*) and page statements of ReleaseSummaries for one filter shape (built once)."""
+    quote = connection.ops.quote_name
+    release, environment = Release._meta, Environment._meta
+    user = Release._meta.get_field("created_by").related_model._meta
+
+    def col(name: str) -> str:
+        return f"r.{quote(release.get_field(name).column)}"
+
+    stage = quote(environment.get_field("stage").column)
+    to_environment = (
+        f" INNER JOIN {quote(environment.db_table)} te ON te.{quote(environment.pk.column)} = "
+        f"{col('to_environment')}"
+    )
+    where = " AND ".join(
+        [f"{col('tenant')} = %s"]
+        + ([f"{col('status')} = %s"] if by_status else [])
+        + ([f"te.{stage} = %s"] if by_to_env else [])
+    )
+    # COUNT(*) joins the environments only to filter by to_env: a join per release otherwise.
+    count_sql = (
+        f"SELECT COUNT(*) FROM {quote(release.db_table)} r{to_environment if by_to_env else ''} WHERE {where}"
+    )
+    # Timestamps as the database's text (UTC: Django stores them so on SQLite and sets the session
+    # time zone on PostgreSQL), turned into ISO 8601 by _iso_text without parsing a datetime.
+    select = ", ".join(
+        [
+            col(name) if name not in _SUMMARY_DATETIMES else f"CAST({col(name)} AS TEXT)"
+            for name in SUMMARY_COLUMNS[:8]
+        ]
+        + [f"fe.{stage}", f"te.{stage}", f"u.{quote(user.get_field('username').column)}"]
+    )
+    page_sql = (
+        f"SELECT {select} FROM {quote(release.db_table)} r{to_environment}"
+        f" INNER JOIN {quote(environment.db_table)} fe ON fe.{quote(environment.pk.column)} = "
+        f"{col('from_environment')}"
+        f" LEFT OUTER JOIN {quote(user.db_table)} u ON u.{quote(user.pk.column)} = {col('created_by')}"
+        f" WHERE {where} ORDER BY {col('created_at')} DESC, {col('id')} DESC LIMIT %s OFFSET %s"
+    )
+    return count_sql, page_sql
+
+
+def _iso_text(value: str | None) -> str | None:
+    """'2024-01-15 12:00:00.123456[+00]' (UTC) -> '2024-01-15T12:00:00Z', as serializers.iso writes it."""
+    return None if value is None else f"{value[:10]}T{value[11:19]}Z"
 
 
 def live_release(*, environment: Environment) -> Release | None:

@@ -95,7 +95,8 @@ def test_production__security_settings__https_only_and_debug_off_even_if_asked(t
         "'SECURE_HSTS_SECONDS': s.SECURE_HSTS_SECONDS,"
         "'SECURE_HSTS_INCLUDE_SUBDOMAINS': s.SECURE_HSTS_INCLUDE_SUBDOMAINS,"
         "'SECURE_PROXY_SSL_HEADER': s.SECURE_PROXY_SSL_HEADER, 'ALLOWED_HOSTS': s.ALLOWED_HOSTS,"
-        "'SESSION_COOKIE_HTTPONLY': s.SESSION_COOKIE_HTTPONLY}))"
+        "'SESSION_COOKIE_HTTPONLY': s.SESSION_COOKIE_HTTPONLY,"
+        "'CONN_MAX_AGE': s.DATABASES['default']['CONN_MAX_AGE']}))"
     )
     result = run_python(script, production_env(tmp_path, DEBUG="true"))
     assert result.returncode == 0, result.stderr
@@ -107,6 +108,7 @@ def test_production__security_settings__https_only_and_debug_off_even_if_asked(t
     assert values["SECURE_HSTS_SECONDS"] >= 31536000 and values["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is True
     assert values["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
     assert values["ALLOWED_HOSTS"] == ["releases.example.com"]
+    assert values["CONN_MAX_AGE"] == 60, "persistent database connections in production"
 
 
 def test_production__requests__http_redirected_to_https_and_hsts_sent(tmp_path):

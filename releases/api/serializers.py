@@ -55,7 +55,8 @@ def release_summary(release: Release) -> dict[str, Any]:
 
 
 def release_summary_row(row: dict[str, Any]) -> dict[str, Any]:
-    """release_summary from a selectors.ReleaseSummaries row (same keys, same values)."""
+    """release_summary from a selectors.ReleaseSummaries row (same keys, same values; the row's
+    timestamps are already ISO 8601 strings)."""
     return {
         "id": row["release_id"],
         "release_id": row["release_id"],
@@ -64,10 +65,10 @@ def release_summary_row(row: dict[str, Any]) -> dict[str, Any]:
         "to_env": row["to_environment__stage"],
         "bundle_sha256": row["bundle_sha256"],
         "created_by": row["created_by__username"],
-        "created_at": iso(row["created_at"]),
-        "promoted_at": iso(row["promoted_at"]),
-        "failed_at": iso(row["failed_at"]),
-        "rolled_back_at": iso(row["rolled_back_at"]),
+        "created_at": row["created_at"],
+        "promoted_at": row["promoted_at"],
+        "failed_at": row["failed_at"],
+        "rolled_back_at": row["rolled_back_at"],
         "error_message": row["error_message"] or None,
     }
 
