@@ -1,7 +1,7 @@
 """`make bench`: prepare and promote of N-change bundles on fresh PostgreSQL targets, against psql
 running the very SQL the release's manifest reports, in the same run.
 
-    python -m benchmarks.run [--sizes 50,100,250,500] [--repeat 1] [--profile] [--keep]
+    python -m benchmarks.run [--sizes 50,100,250,500] [--repeat 1] [--profile] [--keep] [--no-load]
 
 For every size N a bundle of N/5 `create_table` (new tables) and 4N/5 `add_column` (four on each of
 N/5 existing tables with rows) is prepared and promoted on a fresh PostgreSQL database through
@@ -359,6 +359,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="profile prepare and promote with pyinstrument"
     )
     parser.add_argument("--keep", action="store_true", help="keep the working directory (SQL files, backups)")
+    parser.add_argument(
+        "--no-load", action="store_true", help="skip the API load benchmark (benchmarks/load.py) at the end"
+    )
     args = parser.parse_args(argv)
     try:
         args.sizes = sorted({int(size) for size in args.sizes.split(",")})
@@ -414,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"working directory kept: {workdir}")
     # The API under load (benchmarks/load.py, its own server and control database): the release
     # list against a bare authenticated view, and 20 concurrent CI clients.
+    if args.no_load:
+        return 0 if met else 1
     from benchmarks import load
 
     print()

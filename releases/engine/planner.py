@@ -416,6 +416,27 @@ def plan(
     connection = target.connection
     recorder = Recorder(target.vendor)
     runner = ChangeRunner(target, recorder, release_id)
+    # One pass each way, every statement executed once (as psql would run forward then rollback):
+    # the forward work of every change, recorded as it runs; then, after the forward schema is checked,
+    # each change's rollback is generated and run in reverse order of changes, recorded as it runs.
+    # A change's rollback is thus generated after its forward SQL ran, in the same transaction, on the
+    # live table exactly as the stored rollback statements will find it when replayed in that order
+    # (the later changes already undone); the schema it all leaves must be the one before.
+    states: list[dict[str, Any]] = []
+
+    def reverse_pass(count: int) -> str | None:
+        """Generate and run the rollback of changes count-1 .. 0; the first failure's message."""
+        for position in reversed(range(count)):
+            entry = result.changes[position]
+            try:
+                runner.run(
+                    changes[position], position, "rollback", states[position], entry["rollback_statements"]
+                )
+            except Exception as exc:  # noqa: BLE001
+                message = target.scrub(str(exc)).strip() or exc.__class__.__name__
+                return f"the rollback of change {position} cannot be generated or failed in the dry-run: {message}"
+        return None
+
     with connection.execute_wrapper(recorder):
         begin(target, lock_timeout_ms, statement_timeout_ms)
         try:
@@ -425,11 +446,7 @@ def plan(
                 state: dict[str, Any] = {}
                 started = time.monotonic()
                 try:
-                    with connection.cursor() as cursor:
-                        cursor.execute("SAVEPOINT rm_forward")
                     runner.run(change, position, "forward", state, entry["statements"])
-                    with connection.cursor() as cursor:
-                        cursor.execute("RELEASE SAVEPOINT rm_forward")
                 except Exception as exc:  # noqa: BLE001 - any failure ends the dry-run with its message
                     message = target.scrub(str(exc)).strip() or exc.__class__.__name__
                     entry["dry_run_result"] = {
@@ -447,18 +464,21 @@ def plan(
                     "statements": len(entry["statements"]),
                     "error": None,
                 }
+                states.append(state)
+            if not result.forward_ok and states:
+                # The failed change may have aborted the transaction (PostgreSQL): start over, replay the
+                # recorded forward SQL of the changes that worked, and record their rollbacks for the
+                # report (the plan is not ok anyway; the first error stays the forward one).
+                rollback_transaction(target)
+                begin(target, lock_timeout_ms, statement_timeout_ms)
                 try:
-                    with connection.cursor() as cursor:
-                        cursor.execute("SAVEPOINT rm_rollback")
-                    runner.run(change, position, "rollback", state, entry["rollback_statements"])
-                except Exception as exc:  # noqa: BLE001
-                    message = target.scrub(str(exc)).strip() or exc.__class__.__name__
-                    result.error = f"rollback of change {position} cannot be generated: {message}"
-                finally:
-                    with connection.cursor() as cursor:
-                        cursor.execute("ROLLBACK TO SAVEPOINT rm_rollback")
-                        cursor.execute("RELEASE SAVEPOINT rm_rollback")
-            if result.forward_ok and result.error is None:
+                    run_statements(
+                        target, [s for e in result.changes[: len(states)] for s in e["statements"]]
+                    )
+                    reverse_pass(len(states))
+                except Exception:  # noqa: BLE001,S110 - only the report's rollback SQL is missing then
+                    pass
+            if result.forward_ok:
                 actual = introspect(target)
                 differences = _compare(expected, actual)
                 if differences:
@@ -466,20 +486,17 @@ def plan(
                     result.error = "the schema after the changes is not the expected one: " + "; ".join(
                         differences[:5]
                     )
-                else:
-                    try:
-                        for entry in reversed(result.changes):
-                            run_statements(target, entry["rollback_statements"])
-                        restored = introspect(target)
-                        differences = _compare(schema_before, restored)
-                        if differences:
-                            result.error = "the rollback does not restore the schema: " + "; ".join(
-                                differences[:5]
-                            )
-                        else:
-                            result.rollback_verified = True
-                    except Exception as exc:  # noqa: BLE001
-                        result.error = f"the rollback failed in the dry-run: {target.scrub(str(exc)).strip()}"
+            if result.forward_ok:
+                result.error = reverse_pass(len(changes))
+                if result.error is None:
+                    restored = introspect(target)
+                    differences = _compare(schema_before, restored)
+                    if differences:
+                        result.error = "the rollback does not restore the schema: " + "; ".join(
+                            differences[:5]
+                        )
+                    else:
+                        result.rollback_verified = True
         finally:
             rollback_transaction(target)
     for entry in result.changes:
