@@ -18,9 +18,6 @@ from tenants.models import Environment, Role
 from tenants.services import membership_set, tenant_setup, token_issue, user_ensure
 
 pytestmark = pytest.mark.django_db
-# Promote and rollback run their task in-process, and the task starts with close_old_connections(),
-# which closes a PostgreSQL connection held inside a test's transaction: those tests commit for real.
-TASK_DB = pytest.mark.django_db(transaction=True)
 
 BUNDLE = {
     "database": {
@@ -243,7 +240,6 @@ def test_key__same_key_other_user_or_tenant__independent(tenant, sqlite_database
     assert Release.objects.count() == 3
 
 
-@TASK_DB
 def test_promote__retried__promoted_once_and_first_response(tenant):
     _, client, _ = tenant
     release_id = post(client, "/api/releases/prepare", prepare_body()).json()["data"]["release_id"]
@@ -259,7 +255,6 @@ def test_promote__retried__promoted_once_and_first_response(tenant):
     assert AuditEvent.objects.filter(event="release.promoted").count() == 1
 
 
-@TASK_DB
 def test_rollback__retried__rolled_back_once(tenant):
     _, client, _ = tenant
     release_id = post(client, "/api/releases/prepare", prepare_body()).json()["data"]["release_id"]
@@ -298,7 +293,6 @@ def test_decision__retried__recorded_once(tenant, decision):
     assert Environment.objects.filter(tenant=tenant_obj).count() == 3
 
 
-@TASK_DB
 def test_refusal__stored_and_replayed__but_environment_busy_is_not(tenant):
     _, client, _ = tenant
     missing = {"release_id": "rel_20200101_0000"}
