@@ -53,7 +53,9 @@ def bench_env(workdir: Path, control_url: str) -> dict[str, str]:
             "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
             "RELEASEMGR_ENV": "development",
             "DEBUG": "false",  # DEBUG keeps every query in memory: not what a server runs with
-            "CONN_MAX_AGE": "60",  # persistent connections, the production default (settings.py)
+            # Persistent connections, the production default (settings.py); BENCH_CONN_MAX_AGE=0 measures
+            # a connection per request instead.
+            "CONN_MAX_AGE": os.environ.get("BENCH_CONN_MAX_AGE", "60"),
             "DATABASE_URL": control_url,
             "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
@@ -425,7 +427,7 @@ def report(args, control: str, load: dict, ci: dict) -> bool:
     failures = [r for r in ci["results"] if r["errors"]]
     ci_ok = not failures and len(ci["results"]) == args.clients
     print(
-        f"load benchmark (control database: {control}; {args.rounds} alternating rounds of {args.seconds:g} s, "
+        f"load benchmark (control database: {control}, CONN_MAX_AGE={os.environ.get('BENCH_CONN_MAX_AGE', '60')}; {args.rounds} alternating rounds of {args.seconds:g} s, "
         f"{args.concurrency} keep-alive clients)"
     )
     print(
