@@ -147,6 +147,9 @@ def test_prepare__no_approval_needed__approvers_informed_without_links(
     )
     assert release.release_id in message.subject and "prepared" in message.subject
     assert "/approvals/" not in message.body and not ApprovalLink.objects.exists()
+    # It says what is true: staging needs no approval (it used to say "waits for approval").
+    assert "needs no approval" in message.body and "waits for approval" not in message.body
+    assert "needs no approval" in html_of(message)
 
 
 def test_approval_request__mail_backend_down__no_link_left_and_a_retry_asks_again(acme, mailoutbox, settings):
