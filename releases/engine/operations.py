@@ -104,9 +104,18 @@ class ChangeRunner:
         self.vendor = target.vendor
         self.recorder = recorder
         self.release_id = release_id
+        # When set: table -> (columns, native) as the caller knows the table to be right now, used
+        # instead of reading the catalog (the planner's simulated schema on PostgreSQL, proven
+        # against the catalog after the forward pass and after the rollback pass).
+        self.known: dict[str, tuple[list[tuple[str, dict]], dict]] | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
     def live(self, table: str) -> tuple[list[tuple[str, dict]], dict]:
+        if self.known is not None:
+            if table not in self.known:
+                raise RuntimeError(f"table {table} does not exist")
+            columns, native = self.known[table]
+            return copy.deepcopy(columns), copy.deepcopy(native)
         schema = introspect(self.target, {table})
         if table not in schema["tables"]:
             raise RuntimeError(f"table {table} does not exist")

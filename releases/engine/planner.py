@@ -10,7 +10,7 @@ from typing import Any
 from .bundle import merge_column, sha256_hex, validate_merged_column
 from .errors import PlanError
 from .operations import ChangeRunner, Recorder, preservation_key, quote
-from .schema import fingerprint, introspect, native_fingerprint, portable_only
+from .schema import fingerprint, introspect, native_fingerprint, portable_only, table_columns
 from .target import Target
 
 SQLITE_REBUILD_NOTE = (
@@ -423,11 +423,31 @@ def plan(
     # live table exactly as the stored rollback statements will find it when replayed in that order
     # (the later changes already undone); the schema it all leaves must be the one before.
     states: list[dict[str, Any]] = []
+    # PostgreSQL alters tables in place (its editor reads constraint names from the catalog itself), so
+    # the runner takes each table's columns from the simulated schema, advanced change by change,
+    # instead of re-reading the catalog twice per change; the whole catalog is read after the forward
+    # pass and after the rollback pass, and both must match. SQLite rebuilds tables from the model, so
+    # there the model always comes from the live table.
+    simulated = _with_vendor(schema_before) if target.is_postgresql else None
+    known_after: list[dict[str, tuple[list, dict]]] = []
+
+    def known(names: list[str]) -> dict[str, tuple[list, dict]]:
+        assert simulated is not None
+        return {
+            name: (
+                copy.deepcopy(table_columns(simulated, name)),
+                copy.deepcopy(simulated["native"].get(name, {})),
+            )
+            for name in names
+            if name in simulated["tables"]
+        }
 
     def reverse_pass(count: int) -> str | None:
         """Generate and run the rollback of changes count-1 .. 0; the first failure's message."""
         for position in reversed(range(count)):
             entry = result.changes[position]
+            if simulated is not None:
+                runner.known = known_after[position]
             try:
                 runner.run(
                     changes[position], position, "rollback", states[position], entry["rollback_statements"]
@@ -445,6 +465,8 @@ def plan(
                 entry = result.changes[position]
                 state: dict[str, Any] = {}
                 started = time.monotonic()
+                if simulated is not None:
+                    runner.known = known([change["table"]])
                 try:
                     runner.run(change, position, "forward", state, entry["statements"])
                 except Exception as exc:  # noqa: BLE001 - any failure ends the dry-run with its message
@@ -465,6 +487,10 @@ def plan(
                     "error": None,
                 }
                 states.append(state)
+                if simulated is not None:
+                    apply_change_to_schema(simulated, change, f"database.changes[{position}]")
+                    renamed_to = [change["to"]] if change["type"] == "rename_table" else []
+                    known_after.append(known([change["table"], *renamed_to]))
             if not result.forward_ok and states:
                 # The failed change may have aborted the transaction (PostgreSQL): start over, replay the
                 # recorded forward SQL of the changes that worked, and record their rollbacks for the
