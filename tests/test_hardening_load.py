@@ -97,6 +97,7 @@ def test_release_list__10_or_200_per_page__same_number_of_queries(client, django
 @pytest.mark.parametrize("query", ["?status=promoted&page_size=200", "?to_env=prod&page_size=200&page=1"])
 def test_release_list__filtered__same_number_of_queries(client, django_assert_num_queries, query):
     small, _ = queries_for(client, "/api/releases/?page_size=10")
+    client.get(f"/api/releases/{query}")  # the first count of a to_env filter is computed, then kept
     with django_assert_num_queries(small):
         response = client.get(f"/api/releases/{query}")
     assert response.status_code == 200 and response.json()["data"]["results"]
@@ -145,3 +146,33 @@ def test_release_list__page_two__continues_where_page_one_ends(client):
     ids = [item["release_id"] for item in first["results"] + second["results"]]
     assert len(ids) == len(set(ids)) == 60
     assert client.get("/api/releases/?page=999").status_code == 404
+
+
+def test_release_list__new_release_or_status_change__counts_exact_at_once(client):
+    tenant = Release.objects.first().tenant
+    before = client.get("/api/releases/").json()["data"]["count"]
+    promoted = client.get("/api/releases/?status=promoted").json()["data"]["count"]
+    to_prod = client.get("/api/releases/?to_env=prod").json()["data"]["count"]
+
+    seed_more = Release.objects.filter(tenant=tenant).order_by("-created_at").first()
+    seed_more.pk, seed_more.release_id, seed_more.created_at = None, "rel_20990101_0000", timezone.now()
+    seed_more.status = ReleaseStatus.PROMOTED
+    seed_more.save()
+    Release.objects.filter(pk=Release.objects.filter(tenant=tenant, status="prepared").first().pk).update(
+        status=ReleaseStatus.PROMOTED
+    )
+
+    assert client.get("/api/releases/").json()["data"]["count"] == before + 1
+    assert client.get("/api/releases/?status=promoted").json()["data"]["count"] == promoted + 2
+    expected_prod = to_prod + (1 if seed_more.to_environment.stage == "prod" else 0)
+    assert client.get("/api/releases/?to_env=prod").json()["data"]["count"] == expected_prod
+
+
+def test_release_list__unfiltered_count__kept_not_recounted(client):
+    def statements(path: str) -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(path).status_code == 200
+        return [query["sql"].upper() for query in captured]
+
+    assert not any("COUNT(" in sql for sql in statements("/api/releases/?page_size=10"))
+    assert any("COUNT(" in sql for sql in statements("/api/releases/?status=promoted"))
