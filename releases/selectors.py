@@ -162,10 +162,26 @@ class ReleaseSummaries:
             return []
         with connection.cursor() as cursor:
             cursor.execute(self._page_sql, [*self._params, limit, offset])
-            return [
-                dict(zip(SUMMARY_COLUMNS, row[:3] + tuple(map(_iso_text, row[3:7])) + row[7:], strict=True))
-                for row in cursor.fetchall()
-            ]
+            rows = cursor.fetchall()
+        iso = _iso_text
+        # A dict display per row (the SUMMARY_COLUMNS order of the SELECT): the cheapest way to build
+        # them, which with 50 rows a page is a visible part of the list's time.
+        return [
+            {
+                "release_id": row[0],
+                "status": row[1],
+                "bundle_sha256": row[2],
+                "created_at": iso(row[3]),
+                "promoted_at": iso(row[4]),
+                "failed_at": iso(row[5]),
+                "rolled_back_at": iso(row[6]),
+                "error_message": row[7],
+                "from_environment__stage": row[8],
+                "to_environment__stage": row[9],
+                "created_by__username": row[10],
+            }
+            for row in rows
+        ]
 
 
 @functools.lru_cache(maxsize=16)
