@@ -115,7 +115,9 @@ class ChangeRunner:
             if table not in self.known:
                 raise RuntimeError(f"table {table} does not exist")
             columns, native = self.known[table]
-            return copy.deepcopy(columns), copy.deepcopy(native)
+            # Copies, so the work cannot change the caller's schema (column values are JSON scalars
+            # or small dicts nobody mutates; the native part is copied whole).
+            return [(name, dict(column)) for name, column in columns], copy.deepcopy(native)
         schema = introspect(self.target, {table})
         if table not in schema["tables"]:
             raise RuntimeError(f"table {table} does not exist")

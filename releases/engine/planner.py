@@ -464,11 +464,10 @@ def plan(
 
     def known(names: list[str]) -> dict[str, tuple[list, dict]]:
         assert simulated is not None
+        # apply_change_to_schema replaces column dicts and copies a native dict before changing it,
+        # so a new list of the table's columns is a stable snapshot (the runner copies on use).
         return {
-            name: (
-                copy.deepcopy(table_columns(simulated, name)),
-                copy.deepcopy(simulated["native"].get(name, {})),
-            )
+            name: (table_columns(simulated, name), simulated["native"].get(name, {}))
             for name in names
             if name in simulated["tables"]
         }
