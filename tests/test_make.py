@@ -90,11 +90,13 @@ def workflow_steps() -> dict[str, dict]:
     return {name: job for name, job in workflow["jobs"].items()}
 
 
-def run_step(job: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """A job's `run:` script as GitHub runs it: bash -eo pipefail, with the step's environment."""
+def run_step(job: dict, env: dict[str, str], workdir) -> subprocess.CompletedProcess:
+    """A job's `run:` script as GitHub runs it: bash -eo pipefail, with the step's environment,
+    in a work directory of its own (the scripts write response.json there, as in a runner's checkout)."""
     (script,) = [step["run"] for step in job["steps"] if "run" in step]
     return subprocess.run(
         ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        cwd=workdir,
         env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env},
         capture_output=True,
         text=True,
@@ -138,20 +140,20 @@ def test_github_workflow__scripts_against_a_live_server__prepared_then_promoted(
     }
     jobs = workflow_steps()
 
-    prepared = run_step(jobs["prepare-release"], env)
+    prepared = run_step(jobs["prepare-release"], env, tmp_path)
 
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr
     (line,) = outputs.read_text().splitlines()
     release_id = line.removeprefix("release_id=")
     assert Release.objects.get(release_id=release_id).status == "prepared"
 
-    promoted = run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id})
+    promoted = run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id}, tmp_path)
 
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert Release.objects.get(release_id=release_id).status == "promoted"
     assert FeatureFlag.objects.get(environment__tenant=tenant, environment__stage="staging").value is True
     assert f"Promoted {release_id}" in summary.read_text()
     # A re-run of the promote job after it succeeded stays green; an unknown release fails the job.
-    assert run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id}).returncode == 0
-    missing = run_step(jobs["promote-release"], {**env, "RELEASE_ID": "rel_20000101_0000"})
+    assert run_step(jobs["promote-release"], {**env, "RELEASE_ID": release_id}, tmp_path).returncode == 0
+    missing = run_step(jobs["promote-release"], {**env, "RELEASE_ID": "rel_20000101_0000"}, tmp_path)
     assert missing.returncode != 0 and "::error::" in missing.stdout
