@@ -607,20 +607,9 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
             if _history_has(target, release, "forward"):
                 _settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
                 return
-            changes = _approved_changes(release)
+            changes = approved_changes(release)
             _backup(release, environment)
-            result = engine.apply(
-                target,
-                release_pk=release.pk,
-                release_id=release.release_id,
-                bundle_sha256=release.bundle_sha256,
-                changes=changes,
-                expected_native_before=release.native_fingerprint_before,
-                expected_fingerprint_after=release.fingerprint_after,
-                lock_timeout_ms=environment.apply_lock_timeout_ms,
-                lock_retries=environment.apply_lock_retries,
-                statement_timeout_ms=environment.apply_statement_timeout_ms,
-            )
+            result = release_apply_recorded(target, release, changes=changes)
         _settle_promoted(
             release,
             native_after=result.native_fingerprint_after,
@@ -698,7 +687,7 @@ def _recorded_changes(release: Release) -> list[dict]:
     ]
 
 
-def _approved_changes(release: Release) -> list[dict]:
+def approved_changes(release: Release) -> list[dict]:
     """The recorded statements, provided they are the ones prepared and approved (`sql_sha256`)."""
     changes = _recorded_changes(release)
     if engine.statements_sha256(changes) != release.sql_sha256:
@@ -707,6 +696,24 @@ def _approved_changes(release: Release) -> list[dict]:
             "the recorded statements differ from the ones prepared and approved (sql_sha256); nothing was run",
         )
     return changes
+
+
+def release_apply_recorded(target, release: Release, *, changes: list[dict] | None = None):
+    """Run a release's approved forward statements on its target in one transaction (engine.apply),
+    with the environment's timeouts; the promotion and the executor's db.migrate both go through here."""
+    environment = release.to_environment
+    return engine.apply(
+        target,
+        release_pk=release.pk,
+        release_id=release.release_id,
+        bundle_sha256=release.bundle_sha256,
+        changes=changes if changes is not None else approved_changes(release),
+        expected_native_before=release.native_fingerprint_before,
+        expected_fingerprint_after=release.fingerprint_after,
+        lock_timeout_ms=environment.apply_lock_timeout_ms,
+        lock_retries=environment.apply_lock_retries,
+        statement_timeout_ms=environment.apply_statement_timeout_ms,
+    )
 
 
 def _backup(release: Release, environment: Environment) -> Backup:
@@ -934,7 +941,7 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
                 release_pk=release.pk,
                 release_id=release.release_id,
                 bundle_sha256=release.bundle_sha256,
-                changes=_approved_changes(release),
+                changes=approved_changes(release),
                 expected_native_after=release.native_fingerprint_after,
                 expected_fingerprint_before=release.fingerprint_before,
                 lock_timeout_ms=environment.apply_lock_timeout_ms,

@@ -277,36 +277,13 @@ def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[s
     if not release.native_fingerprint_before or not release.fingerprint_after:
         raise ToolFailure("The release has no fingerprints recorded at prepare; prepare it again.")
     # The statements recorded at prepare are the ones approved, and the ones run.
-    recorded = [
-        {
-            "position": migration.position,
-            "operation": migration.operation,
-            "table": migration.table,
-            "change": migration.change,
-            "statements": migration.statements,
-            "rollback_statements": migration.rollback_statements,
-        }
-        for migration in release.migrations.order_by("position")
-    ]
-    if release.sql_sha256 and engine.statements_sha256(recorded) != release.sql_sha256:
-        raise ToolFailure(
-            "The release's recorded SQL differs from the SQL approved at prepare.", code="schema_drift"
-        )
+    from releases import services
+
     environment = release.to_environment
     try:
+        changes = services.approved_changes(release)
         with engine.open_target(environment.database_url) as target:
-            result = engine.apply(
-                target,
-                release_pk=release.pk,
-                release_id=release.release_id,
-                bundle_sha256=release.bundle_sha256,
-                changes=recorded,
-                expected_native_before=release.native_fingerprint_before,
-                expected_fingerprint_after=release.fingerprint_after,
-                lock_timeout_ms=environment.apply_lock_timeout_ms,
-                lock_retries=environment.apply_lock_retries,
-                statement_timeout_ms=environment.apply_statement_timeout_ms,
-            )
+            result = services.release_apply_recorded(target, release, changes=changes)
     except engine.TargetError as exc:
         raise ToolFailure(exc.message, code=exc.code)
     except engine.EngineError as exc:
