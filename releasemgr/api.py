@@ -6,11 +6,14 @@ import json
 import logging
 from typing import Any
 
+import orjson
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.parsers import JSONParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
+from rest_framework.utils import encoders
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +171,23 @@ def not_found(request, exception=None):
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
+
+
+class FastJSONRenderer(JSONRenderer):
+    """DRF's JSON renderer with orjson doing the encoding: the same bytes for what the API returns
+    (compact, UTF-8), several times faster on list pages. Whatever orjson does not encode itself
+    (datetimes, decimals, lazy strings) goes through DRF's own encoder, so values render as before;
+    an indent request or anything orjson refuses falls back to DRF's renderer."""
+
+    _options = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+    _encoder = encoders.JSONEncoder()
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        if data is None:
+            return b""
+        if self.get_indent(accepted_media_type, renderer_context or {}) is None:
+            try:
+                return orjson.dumps(data, default=self._encoder.default, option=self._options)
+            except (orjson.JSONEncodeError, TypeError):
+                pass
+        return super().render(data, accepted_media_type, renderer_context)

@@ -194,7 +194,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["releasemgr.api.LimitedJSONParser", "releasemgr.api.AnyContentJSONParser"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["releasemgr.api.FastJSONRenderer"],
     "EXCEPTION_HANDLER": "releasemgr.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "releasemgr.schema.AutoSchema",
     "UNAUTHENTICATED_USER": None,
