@@ -610,6 +610,9 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
             changes = approved_changes(release)
             _backup(release, environment)
             result = release_apply_recorded(target, release, changes=changes)
+        # Observed before the release is seen as promoted: whoever waits for that status (a
+        # `wait_seconds` client, a scrape right after) finds the duration recorded.
+        metrics.observe("promote", time.monotonic() - started, **_labels(release))
         _settle_promoted(
             release,
             native_after=result.native_fingerprint_after,
@@ -617,7 +620,6 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
             preservations=result.preservations,
             duration_ms=result.duration_ms,
         )
-        metrics.observe("promote", time.monotonic() - started, **_labels(release))
     except (engine.EngineError, engine.TargetError, engine.BackupError) as exc:
         _settle_failed(release, code=getattr(exc, "code", "apply_failed"), message=str(exc), actor=actor)
     except Exception as exc:
@@ -948,9 +950,9 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
                 lock_retries=environment.apply_lock_retries,
                 statement_timeout_ms=environment.apply_statement_timeout_ms,
             )
+        metrics.observe("rollback", time.monotonic() - started, **_labels(release))
         _settle_rolled_back(release, actor=actor, preservations=result.preservations)
         _rebase_live_release(environment, result)
-        metrics.observe("rollback", time.monotonic() - started, **_labels(release))
     except (engine.EngineError, engine.TargetError) as exc:
         _settle_rollback_refused(
             release, code=getattr(exc, "code", "rollback_failed"), message=str(exc), actor=actor
