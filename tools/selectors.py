@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
-
 from .models import ToolTranscript
 
 
@@ -14,14 +12,3 @@ def transcript_ids_for_release(release) -> list[str]:
         .order_by("transcript_id")
         .values_list("transcript_id", flat=True)
     )
-
-
-def transcript_list(*, tenant, release=None) -> QuerySet[ToolTranscript]:
-    queryset = ToolTranscript.objects.filter(tenant=tenant)
-    if release is not None:
-        queryset = queryset.filter(release=release)
-    return queryset.order_by("transcript_id")
-
-
-def transcript_get(*, tenant, transcript_id: str) -> ToolTranscript | None:
-    return ToolTranscript.objects.filter(tenant=tenant, transcript_id=transcript_id).first()
