@@ -162,15 +162,29 @@ class AnyContentJSONParser(LimitedJSONParser):
     media_type = "*/*"
 
 
-def not_found(request, exception=None):
-    """handler404: a path under /api/ that matches no route answers in the envelope, like every API error."""
+def _api_or_html(request, code: str, message: str, status_code: int, html_view, exception):
+    """Django's own error pages, except under /api/, which answers in the envelope like every API error."""
     if request.path.startswith("/api/"):
         from django.http import JsonResponse
 
-        return JsonResponse(error_body("not_found", "No API endpoint at this path."), status=404)
+        return JsonResponse(error_body(code, message), status=status_code)
+    return html_view(request, exception)
+
+
+def not_found(request, exception=None):
+    """handler404: a path under /api/ that matches no route answers in the envelope."""
     from django.views.defaults import page_not_found
 
-    return page_not_found(request, exception)
+    return _api_or_html(request, "not_found", "No API endpoint at this path.", 404, page_not_found, exception)
+
+
+def bad_request(request, exception=None):
+    """handler400: a request Django refuses before any view (an invalid Host header, say)."""
+    from django.views.defaults import bad_request as html_bad_request
+
+    return _api_or_html(
+        request, "validation_error", "The request is malformed.", 400, html_bad_request, exception
+    )
 
 
 class FastJSONRenderer(JSONRenderer):

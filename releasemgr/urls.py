@@ -19,4 +19,5 @@ urlpatterns = [
 ]
 
 # An unknown path under /api/ gets the JSON envelope (when DEBUG is off), not an HTML page.
+handler400 = "releasemgr.api.bad_request"
 handler404 = "releasemgr.api.not_found"
