@@ -890,17 +890,14 @@ def release_rollback(
             f"Roll back {live.release_id} first: it is the latest live release on {release.to_env}.",
             details={"release_id": live.release_id},
         )
-    if release.preservations.filter(purged_at__isnull=False).exists():
+    purged = list(
+        release.preservations.filter(purged_at__isnull=False).values_list("preserved_table", flat=True)
+    )
+    if purged:
         raise Conflict(
             "The data this rollback would restore has been purged; it cannot be rolled back.",
             code="rollback_blocked",
-            details={
-                "purged": list(
-                    release.preservations.filter(purged_at__isnull=False).values_list(
-                        "preserved_table", flat=True
-                    )
-                )
-            },
+            details={"purged": purged},
         )
     release_reconcile(environment=release.to_environment)
 

@@ -22,8 +22,10 @@ def tenant_setup(
     admins: list[str] = (),
     approvers: list[str] = (),
     flags: dict[str, dict] | None = None,
+    emails: dict[str, str] | None = None,
 ) -> Tenant:
-    """Create or update a tenant, its environments (URL per stage), members and initial flags."""
+    """Create or update a tenant, its environments (URL per stage), members, their e-mail addresses
+    and initial flags."""
     tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": name or slug})
     for stage, url in environments.items():
         environment_set(tenant=tenant, stage=stage, database_url=url, flags=(flags or {}).get(stage))
@@ -31,6 +33,8 @@ def tenant_setup(
         membership_set(tenant=tenant, user=user_ensure(username=username), role=Role.ADMIN)
     for username in approvers:
         membership_set(tenant=tenant, user=user_ensure(username=username), role=Role.APPROVER)
+    for username, address in (emails or {}).items():
+        get_user_model().objects.filter(username=username).update(email=address)
     return tenant
 
 
@@ -73,6 +77,20 @@ def user_ensure(*, username: str, password: str | None = None, is_staff: bool = 
         else:
             user.set_unusable_password()
         user.save()
+    return user
+
+
+def user_login_set(
+    *, username: str, password: str, is_superuser: bool = False, email: str = ""
+) -> AbstractBaseUser:
+    """Create or update an active staff user who logs in with this password (demo and set-up users)."""
+    user = user_ensure(username=username)
+    user.is_staff = True
+    user.is_superuser = is_superuser
+    user.is_active = True
+    user.email = user.email or email
+    user.set_password(password)
+    user.save()
     return user
 
 

@@ -22,6 +22,7 @@ from releases.engine import (
     plan,
     rollback,
 )
+from releases.engine.bundle import COLUMN_TYPES
 
 pytestmark = pytest.mark.slow
 
@@ -40,26 +41,7 @@ safe_text = st.text(alphabet=st.sampled_from(list("ab Z'\";-_é%s\\?")), max_siz
 
 @st.composite
 def column(draw, name: str, *, has_rows: bool, allow_unique: bool) -> dict:
-    kind = draw(
-        st.sampled_from(
-            [
-                "string",
-                "text",
-                "integer",
-                "bigint",
-                "smallint",
-                "boolean",
-                "date",
-                "datetime",
-                "time",
-                "decimal",
-                "float",
-                "uuid",
-                "json",
-                "binary",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(COLUMN_TYPES))
     spec: dict = {"name": name, "type": kind}
     default_strategy: st.SearchStrategy
     if kind == "string":

@@ -110,7 +110,7 @@ class PromoteView(ReleaseAPIView):
         data = _validated(ReleaseRefInput, request)
         release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
         release = services.release_promote(
-            release=release, user=request.user, wait_seconds=_wait_seconds(data)
+            release=release, user=request.user, wait_seconds=data.get("wait_seconds")
         )
         return _in_flight_response(release, [ReleaseStatus.PROMOTING])
 
@@ -139,17 +139,11 @@ class RollbackView(ReleaseAPIView):
         data = _validated(ReleaseRefInput, request)
         release = selectors.release_get(tenant=request.tenant, release_id=data["release_id"])
         release = services.release_rollback(
-            release=release, user=request.user, wait_seconds=_wait_seconds(data)
+            release=release, user=request.user, wait_seconds=data.get("wait_seconds")
         )
         response = _in_flight_response(release, [ReleaseStatus.ROLLING_BACK])
         response.data["data"]["rolled_back"] = response.data["data"]["status"] == ReleaseStatus.ROLLED_BACK
         return response
-
-
-def _wait_seconds(data: dict) -> float | None:
-    if "wait_seconds" in data:
-        return data["wait_seconds"]
-    return None
 
 
 class ReleasePagination(PageNumberPagination):

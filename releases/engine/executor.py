@@ -233,9 +233,10 @@ def apply(
     """Run the recorded forward statements of `changes` (plan entries) in one transaction."""
     ordered = sorted(changes, key=lambda change: _get(change, "position"))
     statements = [statement for change in ordered for statement in _get(change, "statements") or []]
-    attempts, duration = _run(
+    return _execute(
         target,
         direction="forward",
+        ordered=ordered,
         statements=statements,
         release_pk=release_pk,
         release_id=release_id,
@@ -245,15 +246,6 @@ def apply(
         lock_timeout_ms=lock_timeout_ms,
         lock_retries=lock_retries,
         statement_timeout_ms=statement_timeout_ms,
-    )
-    return ApplyResult(
-        direction="forward",
-        native_fingerprint_after=native_fingerprint(target),
-        fingerprint_after=expected_fingerprint_after,
-        preservations=_preservations(target, ordered, release_id, "forward"),
-        duration_ms=duration,
-        attempts=attempts,
-        statements=len(statements),
     )
 
 
@@ -287,9 +279,10 @@ def rollback(
             "rollback_blocked",
             f"the preserved data this rollback restores was purged ({', '.join(missing)}); nothing was run",
         )
-    attempts, duration = _run(
+    return _execute(
         target,
         direction="rollback",
+        ordered=ordered,
         statements=statements,
         release_pk=release_pk,
         release_id=release_id,
@@ -300,11 +293,32 @@ def rollback(
         lock_retries=lock_retries,
         statement_timeout_ms=statement_timeout_ms,
     )
+
+
+def _execute(
+    target: Target,
+    *,
+    direction: str,
+    ordered: list[Any],
+    statements: list[dict],
+    release_id: str,
+    expected_fingerprint: str,
+    **run_options: Any,
+) -> ApplyResult:
+    """Run one direction's statements (see _run) and describe what it left behind."""
+    attempts, duration = _run(
+        target,
+        direction=direction,
+        statements=statements,
+        release_id=release_id,
+        expected_fingerprint=expected_fingerprint,
+        **run_options,
+    )
     return ApplyResult(
-        direction="rollback",
+        direction=direction,
         native_fingerprint_after=native_fingerprint(target),
-        fingerprint_after=expected_fingerprint_before,
-        preservations=_preservations(target, ordered, release_id, "rollback"),
+        fingerprint_after=expected_fingerprint,
+        preservations=_preservations(target, ordered, release_id, direction),
         duration_ms=duration,
         attempts=attempts,
         statements=len(statements),

@@ -11,7 +11,7 @@ from django.db import transaction
 from releases.management.commands._base import Refused, ServiceCommand
 from tenants.crypto import mask_url
 from tenants.models import Environment, Role, Stage
-from tenants.services import membership_set, tenant_setup, token_issue, user_ensure
+from tenants.services import membership_set, tenant_setup, token_issue, user_login_set
 
 DEMO_TENANT = "primary"
 # The guide's per-environment flags, set when an environment is first created (never reset later).
@@ -65,13 +65,12 @@ class Command(ServiceCommand):
             )
             users = {}
             for username, (_variable, role, superuser) in DEMO_USERS.items():
-                user = user_ensure(username=username)
-                user.is_staff = True
-                user.is_superuser = superuser
-                user.is_active = True
-                user.email = user.email or f"{username}@example.com"
-                user.set_password(passwords[username])
-                user.save()
+                user = user_login_set(
+                    username=username,
+                    password=passwords[username],
+                    is_superuser=superuser,
+                    email=f"{username}@example.com",
+                )
                 membership_set(tenant=tenant, user=user, role=role)
                 users[username] = user
             _, raw_token = token_issue(tenant=tenant, user=users["admin"], name="bootstrap_demo")

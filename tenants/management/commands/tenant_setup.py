@@ -157,9 +157,8 @@ class Command(ServiceCommand):
                 admins=options["admin"],
                 approvers=options["approver"],
                 flags=flags,
+                emails=emails,
             )
-            for username, address in emails.items():
-                user_model.objects.filter(username=username).update(email=address)
 
         result = {
             "tenant": tenant.slug,
