@@ -61,7 +61,7 @@ class Release(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tenant", "release_id"], name="unique_release_id")]
-        indexes = [models.Index(fields=["tenant", "-created_at"], name="release_tenant_created")]
+        indexes = [models.Index(fields=["tenant", "-created_at", "-id"], name="release_tenant_newest")]
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:

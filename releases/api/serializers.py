@@ -54,25 +54,6 @@ def release_summary(release: Release) -> dict[str, Any]:
     }
 
 
-def release_summary_row(row: dict[str, Any]) -> dict[str, Any]:
-    """release_summary from a selectors.ReleaseSummaries row (same keys, same values; the row's
-    timestamps are already ISO 8601 strings)."""
-    return {
-        "id": row["release_id"],
-        "release_id": row["release_id"],
-        "status": row["status"],
-        "from_env": row["from_environment__stage"],
-        "to_env": row["to_environment__stage"],
-        "bundle_sha256": row["bundle_sha256"],
-        "created_by": row["created_by__username"],
-        "created_at": row["created_at"],
-        "promoted_at": row["promoted_at"],
-        "failed_at": row["failed_at"],
-        "rolled_back_at": row["rolled_back_at"],
-        "error_message": row["error_message"] or None,
-    }
-
-
 def release_manifest(release: Release) -> dict[str, Any]:
     """The guide's manifest plus bundle, lint, dry-run, approvals, backups and flags."""
     from ..services import approvals_missing, unsafe_rules

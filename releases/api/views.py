@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.urls import remove_query_param, replace_query_param
 from rest_framework.views import APIView
 
 from releasemgr.api import ValidationFailed, success
@@ -26,7 +28,6 @@ from .serializers import (
     ReleaseRefInput,
     RollbackManifestOutput,
     release_manifest,
-    release_summary_row,
 )
 
 
@@ -147,14 +148,52 @@ class RollbackView(ReleaseAPIView):
 
 
 class ReleasePagination(PageNumberPagination):
+    """DRF's page-number pagination (the same `page` and `page_size` parameters, links, and 404
+    "Invalid page." for a page that is not a number or past the end) over selectors.ReleaseSummaries.
+
+    Django's Paginator counts before it reads a page; this reads the page first, and the count comes
+    after, kept or from the page statement itself (ReleaseSummaries): one statement for most pages.
+    """
+
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 200
 
-    def get_paginated_response(self, data):
+    def paginate_queryset(self, queryset: selectors.ReleaseSummaries, request: Request, view=None) -> list:
+        self.request = request
+        size = self.get_page_size(request)
+        number = request.query_params.get(self.page_query_param) or 1
+        if number in self.last_page_strings:
+            number = max(1, -(-queryset.count() // size))
+        try:
+            number = int(number)
+        except ValueError:
+            number = 0
+        results = queryset.page((number - 1) * size, size) if number >= 1 else []
+        if not results and number != 1:
+            raise NotFound(self.invalid_page_message)
+        # An empty first page: nothing matches, no need to count it.
+        self.count = queryset.count() if results else 0
+        self.number, self.size = number, size
+        return results
+
+    def get_next_link(self) -> str | None:
+        if self.number * self.size >= self.count:
+            return None
+        return replace_query_param(self.request.build_absolute_uri(), self.page_query_param, self.number + 1)
+
+    def get_previous_link(self) -> str | None:
+        if self.number == 1:
+            return None
+        url = self.request.build_absolute_uri()
+        if self.number == 2:
+            return remove_query_param(url, self.page_query_param)
+        return replace_query_param(url, self.page_query_param, self.number - 1)
+
+    def get_paginated_response(self, data: list) -> Response:
         return success(
             {
-                "count": self.page.paginator.count,
+                "count": self.count,
                 "next": self.get_next_link(),
                 "previous": self.get_previous_link(),
                 "results": data,
@@ -192,8 +231,7 @@ class ReleaseListView(APIView):
             to_env=request.query_params.get("to_env"),
         )
         paginator = ReleasePagination()
-        page = paginator.paginate_queryset(releases, request, view=self)
-        return paginator.get_paginated_response([release_summary_row(row) for row in page])
+        return paginator.get_paginated_response(paginator.paginate_queryset(releases, request, view=self))
 
 
 class ReleaseDetailView(APIView):
