@@ -107,7 +107,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         if isinstance(exc, exc_class):
             headers = {}
             if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-                headers["Retry-After"] = str(int(exc.wait) + 1)
+                headers["Retry-After"] = str(exc.wait)  # whole seconds: DRF rounds the wait up
             if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
                 headers["WWW-Authenticate"] = 'Bearer realm="api"'
             detail = exc.detail if isinstance(exc, exceptions.ValidationError) else {}

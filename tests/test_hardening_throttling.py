@@ -112,6 +112,36 @@ def test_rate__counted_per_tenant_and_user__others_not_limited(tenant, sqlite_da
         assert client_for(other_token, "other").get("/api/releases/").status_code == 200
 
 
+def test_rate__burst_then_one_per_interval__retry_after_exact(tenant, monkeypatch):
+    """N per period: N at once, then one every period/N; Retry-After says when the next passes."""
+    from releasemgr.throttling import TenantScopedRateThrottle
+
+    _, client = tenant
+    clock = [1_000_000.0]
+    monkeypatch.setattr(TenantScopedRateThrottle, "timer", lambda self: clock[0])
+    with rates("2/min"):
+        assert [client.get("/api/releases/").status_code for _ in range(2)] == [200, 200]
+        refused = client.get("/api/releases/")
+        assert refused.status_code == 429 and int(refused["Retry-After"]) == 30
+        clock[0] += 29.5
+        refused = client.get("/api/releases/")
+        assert refused.status_code == 429 and int(refused["Retry-After"]) == 1
+        clock[0] += 0.5
+        assert [client.get("/api/releases/").status_code for _ in range(2)] == [200, 429]
+        clock[0] += 60  # idle for a period: the whole burst is back, not more
+        assert [client.get("/api/releases/").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_rate__state__one_number_per_client_whatever_the_rate(tenant):
+    """DRF's own throttle keeps a timestamp per request of the period (its cost grows with the rate)."""
+    _, client = tenant
+    with rates("100000/hour"):
+        assert {client.get("/api/releases/").status_code for _ in range(40)} == {200}
+        keys = [key for key in cache._cache if "throttle_gcra_releases_" in key]
+        assert len(keys) == 1
+        assert isinstance(cache.get(keys[0].split(":", 2)[-1]), float)
+
+
 def test_rates__from_the_environment__in_settings():
     env = {
         **os.environ,
@@ -148,7 +178,7 @@ def test_rate__redis_cache_url__counts_shared_by_every_process(tenant, redis_url
     try:
         with override_settings(CACHES=caches), rates("2/min"):
             assert [client.get("/api/releases/").status_code for _ in range(3)] == [200, 200, 429]
-            keys = connection.keys(f"{prefix}:*throttle_releases_*")
+            keys = connection.keys(f"{prefix}:*throttle_gcra_releases_*")
             assert len(keys) == 1
             # Another process shares the count: drop it there, and this one is allowed again.
             connection.delete(*keys)
