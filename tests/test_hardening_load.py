@@ -188,3 +188,57 @@ def test_release_list__unfiltered_count__kept_not_recounted(client):
 
     assert not any("COUNT(" in sql for sql in statements("/api/releases/?page_size=10"))
     assert any("COUNT(" in sql for sql in statements("/api/releases/?status=promoted"))
+
+
+@pytest.mark.parametrize(
+    "query, status, first, size",
+    [
+        ("?page=2&page_size=100", 200, 100, 100),
+        ("?page=last&page_size=100", 200, 200, 50),
+        ("?page_size=0", 200, 0, 50),  # not a positive size: the default
+        ("?page_size=abc", 200, 0, 50),
+        ("?page_size=100000", 200, 0, 200),  # capped at max_page_size
+        ("?page=3&page_size=100", 200, 200, 50),
+        ("?page=4&page_size=100", 404, None, None),  # past the end
+        ("?page=0", 404, None, None),
+        ("?page=-1", 404, None, None),
+        ("?page=abc", 404, None, None),
+        ("?page=1.0", 404, None, None),
+    ],
+)
+def test_release_list__pages_and_sizes__as_drf_paginates(client, query, status, first, size):
+    response = client.get(f"/api/releases/{query}")
+    assert response.status_code == status, response.content
+    body = response.json()
+    if status == 404:
+        assert body["success"] is False and body["error"]["code"] == "not_found"
+        return
+    data = body["data"]
+    expected = [f"rel_20240101_0000_{n}" for n in range(first, first + size)]
+    assert [item["release_id"] for item in data["results"]] == expected
+    assert data["count"] == RELEASES
+
+
+def test_release_list__links__keep_the_filters_and_end_at_the_last_page(client):
+    page = client.get("/api/releases/?status=promoted&page_size=10").json()["data"]
+    assert page["previous"] is None and "status=promoted" in page["next"] and "page=2" in page["next"]
+    pages, seen = 1, [item["release_id"] for item in page["results"]]
+    while page["next"]:
+        following = client.get(page["next"]).json()["data"]
+        assert following["previous"] and "status=promoted" in following["previous"]
+        if pages == 1:
+            assert "page=" not in following["previous"]  # page 1 is the URL without a page
+        page, pages = following, pages + 1
+        seen += [item["release_id"] for item in page["results"]]
+    assert len(seen) == len(set(seen)) == page["count"] and pages == -(-page["count"] // 10)
+    assert all(item["status"] == "promoted" for item in page["results"])
+
+
+def test_release_list__no_releases__empty_first_page_without_counting(client):
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get("/api/releases/?status=promoted&to_env=dev")
+    data = response.json()["data"]
+    assert response.status_code == 200
+    assert data == {"count": 0, "next": None, "previous": None, "results": []}
+    assert not any("COUNT(" in query["sql"].upper() for query in captured)
+    assert client.get("/api/releases/?status=promoted&to_env=dev&page=2").status_code == 404
