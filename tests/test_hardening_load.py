@@ -204,6 +204,7 @@ def test_release_list__unfiltered_count__kept_not_recounted(client):
         ("?page=-1", 404, None, None),
         ("?page=abc", 404, None, None),
         ("?page=1.0", 404, None, None),
+        ("?page=99999999999999999999999", 404, None, None),  # past what OFFSET takes: no 500
     ],
 )
 def test_release_list__pages_and_sizes__as_drf_paginates(client, query, status, first, size):

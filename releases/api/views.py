@@ -169,7 +169,9 @@ class ReleasePagination(PageNumberPagination):
             number = int(number)
         except ValueError:
             number = 0
-        results = queryset.page((number - 1) * size, size) if number >= 1 else []
+        # Past any real list, and past what LIMIT/OFFSET take (64-bit): a 404 like any page past the end.
+        valid = number >= 1 and (number - 1) * size < 2**62
+        results = queryset.page((number - 1) * size, size) if valid else []
         if not results and number != 1:
             raise NotFound(self.invalid_page_message)
         # An empty first page: nothing matches, no need to count it.
