@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import environ
@@ -203,6 +204,16 @@ REST_FRAMEWORK = {
         "tools": env.str("THROTTLE_TOOLS", default="120/min"),
     },
 }
+for _name, _rate in (("THROTTLE_RELEASES", "releases"), ("THROTTLE_TOOLS", "tools")):
+    # DRF reads a rate at request time: a malformed one would be a 500 on every request.
+    if not re.fullmatch(
+        r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)",
+        REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"][_rate],
+    ):
+        raise ImproperlyConfigured(
+            f"{_name} must be a positive number of requests per s, min, hour or day (e.g. 120/min), "
+            f"not {REST_FRAMEWORK['DEFAULT_THROTTLE_RATES'][_rate]!r}"
+        )
 SPECTACULAR_SETTINGS = {
     "TITLE": "releasemgr API",
     "DESCRIPTION": "Staged releases of database schema changes and feature flags, dev -> staging -> prod.",

@@ -26,7 +26,7 @@ class TenantScopedRateThrottle(ScopedRateThrottle):
     so the tenant is part of the key: a user's CI in one tenant does not slow down another.
     """
 
-    # Not DRF's key: its value there is the timestamp list, here a float.
+    # Not DRF's key: its value there is the timestamp list, here a float (and the rate is appended).
     cache_format = "throttle_gcra_%(scope)s_%(ident)s"
 
     def get_rate(self):
@@ -50,8 +50,14 @@ class TenantScopedRateThrottle(ScopedRateThrottle):
         self.key = self.get_cache_key(request, view)
         if self.key is None:
             return True
-        interval = self.duration / self.num_requests
+        # The state is the rate's own: a changed rate (10/hour -> 10/min) starts afresh instead of
+        # carrying a wait computed for the old one.
+        self.key = f"{self.key}_{self.num_requests}_{self.duration}"
         self.now = self.timer()
+        if self.num_requests <= 0:  # "0/min" (settings refuse it at start-up): nothing passes, as in DRF
+            self._wait = self.duration
+            return False
+        interval = self.duration / self.num_requests
         arrival = max(self.cache.get(self.key, self.now), self.now)
         passes_from = arrival + interval - self.duration
         if self.now < passes_from:

@@ -20,7 +20,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from releasemgr.api import ApiError, Conflict, Forbidden, UnsafeMigration, ValidationFailed
@@ -287,6 +287,11 @@ def _release_save(
     reason: str,
     plan,
 ) -> Release:
+    # A tenant's releases commit in created_at order: the tenant's row is written first (a row lock
+    # on PostgreSQL, the database's write lock on SQLite) and the timestamp taken after, so a
+    # release that commits after another never has an older created_at. The release list keeps its
+    # count under the newest created_at (selectors.ReleaseSummaries._count_kept) and relies on it.
+    Tenant.objects.filter(pk=tenant.pk).update(slug=F("slug"))
     now = timezone.now()
     failed = not (plan.forward_ok and plan.rollback_verified)
     error = ""

@@ -243,3 +243,64 @@ def test_release_list__no_releases__empty_first_page_without_counting(client):
     assert data == {"count": 0, "next": None, "previous": None, "results": []}
     assert not any("COUNT(" in query["sql"].upper() for query in captured)
     assert client.get("/api/releases/?status=promoted&to_env=dev&page=2").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prepare__tenant_row_locked__created_at_taken_after_the_lock(sqlite_database_factory):
+    """Releases commit in created_at order (the kept count relies on it): a prepare waits for the
+    tenant's row, and its created_at is later than the moment the other transaction let go."""
+    import threading
+
+    from django.db import transaction
+
+    from tenants.models import Tenant
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs a control database that serves concurrent connections (PostgreSQL)")
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(slug="acme", environments=urls, admins=["acme-admin"])
+    _, token = token_issue(tenant=tenant, user=get_user_model().objects.get(username="acme-admin"))
+    held, release_lock, results = threading.Event(), threading.Event(), []
+
+    def hold_tenant_row() -> None:
+        try:
+            with transaction.atomic():
+                Tenant.objects.select_for_update().get(pk=tenant.pk)
+                held.set()
+                release_lock.wait(timeout=60)
+        finally:
+            connection.close()
+
+    def prepare() -> None:
+        try:
+            own = APIClient()
+            own.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG="acme")
+            body = {"from_env": "dev", "to_env": "staging", "bundle_data": {"feature_flags": {"beta": True}}}
+            results.append(own.post("/api/releases/prepare", body, format="json"))
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_tenant_row)
+    holder.start()
+    assert held.wait(timeout=30)
+    preparer = threading.Thread(target=prepare)
+    preparer.start()
+    try:
+        with connection.cursor() as cursor:
+            for _ in range(300):  # until the prepare waits on a lock
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                preparer.join(timeout=0.1)
+            else:
+                pytest.fail("the prepare never waited for the tenant's row")
+        let_go = timezone.now()
+    finally:
+        release_lock.set()
+        holder.join(timeout=60)
+        preparer.join(timeout=120)
+    assert results and results[0].status_code == 201, results and results[0].content
+    assert Release.objects.get(tenant=tenant).created_at >= let_go

@@ -132,6 +132,48 @@ def test_rate__burst_then_one_per_interval__retry_after_exact(tenant, monkeypatc
         assert [client.get("/api/releases/").status_code for _ in range(3)] == [200, 200, 429]
 
 
+def test_rate__changed_to_a_shorter_period__old_wait_not_carried(tenant, monkeypatch):
+    from releasemgr.throttling import TenantScopedRateThrottle
+
+    _, client = tenant
+    clock = [1_000_000.0]
+    monkeypatch.setattr(TenantScopedRateThrottle, "timer", lambda self: clock[0])
+    with rates("10/hour"):
+        assert {client.get("/api/releases/").status_code for _ in range(10)} == {200}
+        assert int(client.get("/api/releases/")["Retry-After"]) == 360
+    clock[0] += 120
+    rest_framework = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "releases": "10/min"},
+    }
+    with override_settings(REST_FRAMEWORK=rest_framework):  # the same counts, a new rate
+        assert client.get("/api/releases/").status_code == 200
+
+
+def test_rate__zero__every_request_refused_with_retry_after_not_a_500(tenant):
+    _, client = tenant
+    with rates("0/min"):
+        response = client.get("/api/releases/")
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limited"
+    assert int(response["Retry-After"]) == 60
+
+
+@pytest.mark.parametrize("rate", ["abc", "0/min", "10", "10/fortnight", "-5/min", "10/min/x"])
+def test_rates__malformed_in_the_environment__start_up_refused(rate):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "releasemgr.settings", "THROTTLE_RELEASES": rate}
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env=env,
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "THROTTLE_RELEASES must be a positive number of requests" in result.stderr
+    assert repr(rate) in result.stderr
+
+
 def test_rate__state__one_number_per_client_whatever_the_rate(tenant):
     """DRF's own throttle keeps a timestamp per request of the period (its cost grows with the rate)."""
     _, client = tenant
