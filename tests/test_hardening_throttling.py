@@ -30,6 +30,19 @@ def client_for(token: str, slug: str) -> APIClient:
     return client
 
 
+def django_setup_with(script: str = "", **environment: str) -> subprocess.CompletedProcess:
+    """django.setup() with the settings read from these environment variables, then `script`."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "releasemgr.settings", **environment}
+    return subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {script}"],
+        env=env,
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def rates(releases: str):
     """Settings with another `releases` rate; the counts start from zero."""
     cache.clear()
@@ -160,15 +173,7 @@ def test_rate__zero__every_request_refused_with_retry_after_not_a_500(tenant):
 
 @pytest.mark.parametrize("rate", ["abc", "0/min", "10", "10/fortnight", "-5/min", "10/min/x"])
 def test_rates__malformed_in_the_environment__start_up_refused(rate):
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "releasemgr.settings", "THROTTLE_RELEASES": rate}
-    result = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup()"],
-        env=env,
-        cwd=BASE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = django_setup_with(THROTTLE_RELEASES=rate)
     assert result.returncode != 0
     assert "THROTTLE_RELEASES must be a positive number of requests" in result.stderr
     assert repr(rate) in result.stderr
@@ -185,19 +190,11 @@ def test_rate__state__one_number_per_client_whatever_the_rate(tenant):
 
 
 def test_rates__from_the_environment__in_settings():
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
-        "THROTTLE_RELEASES": "7/hour",
-        "THROTTLE_TOOLS": "9/min",
-    }
     script = (
-        "import django; django.setup(); from rest_framework.settings import api_settings as s; "
+        "from rest_framework.settings import api_settings as s; "
         "print(s.DEFAULT_THROTTLE_RATES['releases'], s.DEFAULT_THROTTLE_RATES['tools'])"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=BASE_DIR, capture_output=True, text=True, timeout=60
-    )
+    result = django_setup_with(script, THROTTLE_RELEASES="7/hour", THROTTLE_TOOLS="9/min")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["7/hour", "9/min"]
 
@@ -233,17 +230,8 @@ def test_rate__redis_cache_url__counts_shared_by_every_process(tenant, redis_url
 
 
 def test_cache_url__from_the_environment__redis_backend(tmp_path):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
-        "CACHE_URL": "redis://cache.internal:6379/2",
-    }
-    script = (
-        "import django; django.setup(); from django.conf import settings as s; print(s.CACHES['default'])"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=BASE_DIR, capture_output=True, text=True, timeout=60
-    )
+    script = "from django.conf import settings as s; print(s.CACHES['default'])"
+    result = django_setup_with(script, CACHE_URL="redis://cache.internal:6379/2")
     assert result.returncode == 0, result.stderr
     assert "django.core.cache.backends.redis.RedisCache" in result.stdout
     assert "redis://cache.internal:6379/2" in result.stdout
