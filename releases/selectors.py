@@ -200,7 +200,9 @@ def _iso_utc_sql(vendor: str, column: str) -> str:
     staying NULL. Django stores datetimes in UTC on SQLite (as text) and PostgreSQL (timestamptz)."""
     if vendor == "postgresql":
         return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
-    return f"strftime('%%Y-%%m-%%dT%%H:%%M:%%SZ', {column})"  # %% : the statement takes parameters
+    # Django writes 'YYYY-MM-DD HH:MM:SS[.ffffff]' (UTC): cut, not parsed. strftime() would go
+    # through SQLite's millisecond clock, which can round 59.9996 s up to the next second.
+    return f"substr({column}, 1, 10) || 'T' || substr({column}, 12, 8) || 'Z'"
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -129,10 +130,18 @@ def test_release_summaries__same_as_release_summary(client):
     Release.objects.filter(pk=Release.objects.order_by("pk").first().pk).update(
         created_by=None, promoted_at=timezone.now(), error_message='boom "quoted" \\ é\n\t\x01 ✓'
     )
-    Release.objects.filter(pk=Release.objects.order_by("pk")[1].pk).update(error_message="")
+    Release.objects.filter(pk=Release.objects.order_by("pk")[1].pk).update(
+        error_message="", failed_at=datetime(2024, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+    )
+    Release.objects.filter(pk=Release.objects.order_by("pk")[2].pk).update(
+        # No microseconds (stored without them), and not in UTC: 17:00 at +05:00 is 12:00Z.
+        failed_at=datetime(2024, 6, 1, 17, 0, 0, tzinfo=dt_timezone(timedelta(hours=5)))
+    )
     rows = ReleaseSummaries(tenant=tenant)[0:RELEASES]
     models = [release_summary(release) for release in release_list(tenant=tenant)]
     assert len(rows) == RELEASES and rows == models
+    failed = {item["failed_at"] for item in rows}
+    assert {"2024-12-31T23:59:59Z", "2024-06-01T12:00:00Z"} <= failed
     assert any(item["created_by"] is None and item["error_message"].startswith("boom") for item in rows)
 
 
