@@ -43,10 +43,11 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# Links printed and e-mailed (SITE_URL) point at the port served unless SITE_URL is set.
 run: install
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py bootstrap_demo
-	$(PY) manage.py runserver 127.0.0.1:$(PORT)
+	SITE_URL="$${SITE_URL:-http://127.0.0.1:$(PORT)}" $(PY) manage.py bootstrap_demo
+	SITE_URL="$${SITE_URL:-http://127.0.0.1:$(PORT)}" $(PY) manage.py runserver 127.0.0.1:$(PORT)
 
 # Pass 1: the whole suite with the SQLite control database (SQLite and PostgreSQL targets).
 # Pass 2: the control-database-sensitive tests with PostgreSQL as the control database.

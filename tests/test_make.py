@@ -45,6 +45,16 @@ def test_make_release_targets__required_variable_missing__usage_and_failure(argu
     assert "manage.py" not in result.stdout
 
 
+def test_make_run__port__printed_and_mailed_links_use_it():
+    result = make("run", "PORT=9123")
+
+    lines = [line for line in result.stdout.splitlines() if "manage.py" in line]
+    demo = next(line for line in lines if "bootstrap_demo" in line)
+    serve = next(line for line in lines if "runserver" in line)
+    assert 'SITE_URL="${SITE_URL:-http://127.0.0.1:9123}"' in demo  # an operator's SITE_URL still wins
+    assert "runserver 127.0.0.1:9123" in serve and "http://127.0.0.1:9123" in serve
+
+
 def test_make_test__two_passes__sqlite_control_then_postgresql_control():
     result = make("test")
 
