@@ -213,7 +213,20 @@ class EnvironmentForm(forms.ModelForm):
         return super().save(commit)
 
 
-class EnvironmentInline(ScopedInline, admin.TabularInline):
+class WriteOnlyDatabaseURL:
+    """What a read-only rendering of the `database_url` field shows: never the URL.
+
+    For a user who may view but not change an environment (viewer, approver), Django renders every
+    field of the form as text, looked up on the model admin before the model: without this it
+    would print `Environment.database_url`, the decrypted URL with its password.
+    """
+
+    @admin.display(description="Database URL")
+    def database_url(self, obj: Environment) -> str:
+        return "(write-only)"
+
+
+class EnvironmentInline(WriteOnlyDatabaseURL, ScopedInline, admin.TabularInline):
     model = Environment
     form = EnvironmentForm
     extra = 0
@@ -307,7 +320,7 @@ class FeatureFlagInline(ScopedInline, admin.TabularInline):
 
 
 @admin.register(Environment)
-class EnvironmentAdmin(TenantScopedAdmin):
+class EnvironmentAdmin(WriteOnlyDatabaseURL, TenantScopedAdmin):
     form = EnvironmentForm
     list_display = ("__str__", "tenant", "stage", "database_url_masked", "approvals_required", "flag_count")
     list_filter = ("stage", ("tenant", admin.RelatedOnlyFieldListFilter))

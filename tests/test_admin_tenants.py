@@ -70,9 +70,11 @@ def acme(sqlite_database_factory):
 # --- environments: write-only database URL ---------------------------------------------------------------
 
 
-def test_tenant_page__environment_with_credentials__masked_never_plain_or_ciphertext(acme):
+@pytest.mark.parametrize("role", [Role.ADMIN, Role.APPROVER, Role.VIEWER])
+def test_tenant_page__environment_with_credentials__masked_never_plain_or_ciphertext(acme, role):
+    """Read-only users too: Django renders a view-only form's fields as text, the URL field included."""
     environment = environment_set(tenant=acme["tenant"], stage="prod", database_url=SECRET_URL)
-    client = login(acme[Role.ADMIN])
+    client = login(acme[role])
 
     for url in (
         reverse("admin:tenants_tenant_change", args=[acme["tenant"].pk]),
