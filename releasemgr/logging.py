@@ -16,7 +16,9 @@ from typing import Any
 from releasemgr.context import client_address_var, request_id_var
 
 # Credentials inside URLs (scheme://user:password@host), bearer tokens, this project's raw API
-# tokens (rm_...), libpq-style password=..., and Fernet ciphertexts of encrypted target URLs.
+# tokens (rm_...), libpq-style password=..., Fernet ciphertexts of encrypted target URLs, and the
+# signed token of an e-mail approval link (/approvals/<pk>/<token>/), a bearer credential that
+# Django's own loggers (django.request, django.security.csrf, django.server) print with the path.
 _SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@'\"<>]+@"), r"\g<scheme>***@"),
     (re.compile(r"\b(Authorization['\"]?\s*[:=]\s*['\"]?)[A-Za-z]+\s+[^\s'\",]+", re.I), r"\1***"),
@@ -29,6 +31,7 @@ _SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
         r"\1\2***",
     ),
     (re.compile(r"\bgAAAAA[A-Za-z0-9_=-]{20,}"), "***"),
+    (re.compile(r"(/approvals/\d+/)[^/\s'\"<>?#]+"), r"\1***"),
 ]
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.

@@ -153,3 +153,29 @@ def test_logging__release_prepare_and_promote__lines_name_release_tenant_and_req
     for entry in by_phase.values():
         assert entry["tenant"] == slug and entry["environment"] == "staging"
     assert token not in console_lines.getvalue()
+
+
+@pytest.mark.django_db
+def test_logging__approval_link_requests_django_logs__never_carry_the_link_token(console_lines):
+    """A link is a bearer credential: mail scanners HEAD it (405) and a cross-site POST fails CSRF (403);
+    Django's own loggers (django.request, django.security.csrf, runserver's django.server) name the path."""
+    from releases import links
+
+    token = links.sign({"r": 999999, "u": 1, "b": "0" * 64, "n": "nonce-of-the-test"})
+    path = links.approval_link_path(release_pk=999999, token=token)
+
+    assert Client().head(path).status_code == 405
+    assert Client(enforce_csrf_checks=True).post(path, {"decision": "approved"}).status_code == 403
+    logging.getLogger("django.server").info('"GET %s HTTP/1.1" 200 1234', path)
+
+    entries = parsed(console_lines)
+    loggers = {entry["logger"] for entry in entries}
+    assert {"django.request", "django.security.csrf", "django.server"} <= loggers
+    signature = token.rsplit(":", 1)[1]
+    assert signature not in console_lines.getvalue()
+    assert any("/approvals/999999/***" in entry["message"] for entry in entries)
+
+
+def test_scrub_secrets__approval_link_path__token_removed_pk_kept():
+    text = 'Forbidden (CSRF cookie not set.): /approvals/42/.eJwNzDsKwkAQ:1xVmlX:jY3lKtYFWT2y_aaZ4rf/ "x"'
+    assert scrub_secrets(text) == 'Forbidden (CSRF cookie not set.): /approvals/42/***/ "x"'
