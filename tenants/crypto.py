@@ -43,7 +43,10 @@ def mask_url(url: str) -> str:
         return ""
     if url.startswith("sqlite:"):
         return "sqlite:///***" + (url.rsplit("/", 1)[-1][-24:] if "/" in url else "")
-    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@***", url, count=1)
+    masked = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@***", url, count=1)
+    # libpq also takes user, password and host from the query string (?password=...): hide all of it.
+    base, query, _ = masked.partition("?")
+    return base + ("?***" if query else "")
 
 
 def scrub(message: str, secrets: list[str] | None = None) -> str:

@@ -19,6 +19,8 @@ from tests.factories import ReleaseFactory, UserFactory
 pytestmark = pytest.mark.django_db
 
 SECRET_URL = "postgres://alice:s3cr3t-pass@db.internal.example:5432/acme_prod"
+# libpq takes the password from the query string too (django-environ passes it on in OPTIONS).
+SECRET_QUERY_URL = "postgres://db.internal.example/acme_prod?user=alice&password=s3cr3t-pass&sslmode=require"
 
 
 def login(user) -> Client:
@@ -70,10 +72,11 @@ def acme(sqlite_database_factory):
 # --- environments: write-only database URL ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("secret_url", [SECRET_URL, SECRET_QUERY_URL])
 @pytest.mark.parametrize("role", [Role.ADMIN, Role.APPROVER, Role.VIEWER])
-def test_tenant_page__environment_with_credentials__masked_never_plain_or_ciphertext(acme, role):
+def test_tenant_page__environment_with_credentials__masked_never_plain_or_ciphertext(acme, role, secret_url):
     """Read-only users too: Django renders a view-only form's fields as text, the URL field included."""
-    environment = environment_set(tenant=acme["tenant"], stage="prod", database_url=SECRET_URL)
+    environment = environment_set(tenant=acme["tenant"], stage="prod", database_url=secret_url)
     client = login(acme[role])
 
     for url in (
