@@ -159,6 +159,18 @@ def _validate_allow_unsafe(allow_unsafe: Any, reason: Any) -> tuple[list[str], s
 # --- prepare -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _target_refusal() -> Iterator[None]:
+    """A target that cannot be opened, or stays locked, refuses the request in the envelope: 503 with
+    the TargetError's code (`target_unreachable`, `lock_timeout`) and its message, scrubbed of the
+    URL, user, password and host. 503: the client may retry, and no Idempotency-Key keeps it."""
+    try:
+        yield
+    except engine.TargetError as exc:
+        raise ApiError(exc.message, code=exc.code, status_code=503) from None
+
+
+@_target_refusal()
 def release_prepare(
     *,
     tenant: Tenant,
