@@ -116,6 +116,17 @@ def test_email_send__markup_in_payload__escaped_in_html_verbatim_in_text(setup):
     assert "Error: <script>x</script> & co" in result.data["text"]
 
 
+def test_email_send__payload_names_another_tenant__mail_still_names_the_callers_tenant(setup):
+    """An agent of acme cannot send a mail that presents itself as another tenant's: the tenant the
+    templates name is the call's, not a payload key."""
+    payload = {**PAYLOAD, "tenant": "globex"}
+    result = send(setup, to="a@example.com", payload=payload, template="approval_request", dry_run=False)
+    assert result.ok is True, result.error
+    message = mail.outbox[0]
+    assert message.subject.startswith("[releasemgr acme] ")
+    assert "globex" not in message.subject + message.body + message.alternatives[0][0]
+
+
 def test_email_send__approval_link_in_body__transcript_keeps_hashes_not_bodies(setup):
     link = "https://rm.example/approvals/9f8e7d6c5b4a"
     result = send(setup, to="a@example.com", payload={**PAYLOAD, "release_url": link}, dry_run=False)

@@ -77,12 +77,10 @@ class EmailSendArgs(serializers.Serializer):
 
 def render(template: str, payload: dict[str, Any], ctx: ToolContext | None = None) -> dict[str, str]:
     """Subject (one line), text and HTML (empty when the template has no .html) of `template`."""
-    context = {
-        "site_url": settings.SITE_URL.rstrip("/"),
-        "tenant": getattr(getattr(ctx, "tenant", None), "slug", ""),
-        **payload,
-        "payload": payload,
-    }
+    context = {"site_url": settings.SITE_URL.rstrip("/"), "tenant": "", **payload, "payload": payload}
+    if ctx is not None and ctx.tenant is not None:
+        # The mail names the tenant the call is made for; a payload cannot present it as another's.
+        context["tenant"] = ctx.tenant.slug
     try:
         subject = render_to_string(f"emails/{template}.subject.txt", context)
         text = render_to_string(f"emails/{template}.txt", context)
