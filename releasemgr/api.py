@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -145,15 +146,60 @@ class LimitedJSONParser(JSONParser):
         if not raw.strip():
             return {}
         try:
-            return json.loads(
+            document = json.loads(
                 raw.decode((parser_context or {}).get("encoding") or "utf-8"), parse_constant=_reject_constant
             )
+        except RecursionError:
+            raise _too_deep() from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise exceptions.ParseError(f"The body is not valid JSON: {exc}")
+        _refuse_unstorable(document)
+        return document
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+# Deeper than any bundle or tool call (about 8 levels); far below what json and jsonb recurse into.
+MAX_JSON_DEPTH = 64
+# JSON can spell them (\u0000, a lone \ud800), but PostgreSQL keeps no NUL in text or jsonb and a
+# lone surrogate is not UTF-8: either would fail as a 500 where it is stored or rendered.
+_UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+
+
+def _too_deep() -> ValidationFailed:
+    return ValidationFailed(
+        f"The body nests deeper than {MAX_JSON_DEPTH} levels.",
+        details={"body": f"At most {MAX_JSON_DEPTH} levels."},
+    )
+
+
+def _escaped(text: str) -> str:
+    return _UNSTORABLE_CHARACTER.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _refuse_unstorable(document: Any) -> None:
+    """A 400 for a body nested deeper than MAX_JSON_DEPTH, or with a NUL or lone surrogate in a string
+    (key or value); details name where, as `a.b[0]`. Iterative: the depth is what is being checked."""
+    pending = [(document, "", 1)]
+    while pending:
+        value, path, depth = pending.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE_CHARACTER.search(value):
+                raise ValidationFailed(
+                    "The body contains a NUL (\\u0000) or unpaired surrogate (\\ud800-\\udfff) character.",
+                    details={path or "body": "NUL and unpaired surrogate characters are not allowed."},
+                )
+            continue
+        if isinstance(value, dict | list) and depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((key, path or "body", depth))
+                pending.append((item, f"{path}.{_escaped(key)}" if path else _escaped(key), depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
 
 
 class AnyContentJSONParser(LimitedJSONParser):

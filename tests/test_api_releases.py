@@ -383,6 +383,53 @@ def test_prepare__bad_request_body__clear_4xx(world, label, raw, status):
     assert control_counts() == before_counts
 
 
+@pytest.mark.parametrize(
+    ("label", "raw", "where"),
+    [
+        # Found by fuzzing: a lone surrogate is valid JSON but not UTF-8, and failed the response (500).
+        (
+            "surrogate flag name",
+            rb'{"from_env": "dev", "to_env": "staging", '
+            rb'"bundle_data": {"feature_flags": {"\ud800": true}}}',
+            "bundle_data.feature_flags",
+        ),
+        ("surrogate echoed in an error", rb'{"from_env": "\udfff", "to_env": "staging"}', "from_env"),
+        # PostgreSQL stores no NUL in text or jsonb: the release's bundle failed to save (500).
+        (
+            "NUL in a column default",
+            rb'{"from_env": "dev", "to_env": "staging", "bundle_data": {"database": '
+            rb'{"changes": [{"type": "create_table", "table": "t", "columns": [{"name": "c", "type": "string", '
+            rb'"max_length": 9, "default": "a\u0000b"}]}]}}}',
+            "bundle_data.database.changes[0].columns[0].default",
+        ),
+        # json.loads raised RecursionError (500).
+        (
+            "deep nesting",
+            b'{"from_env": "dev", "to_env": "staging", "bundle_data": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "body",
+        ),
+    ],
+)
+def test_prepare__body_json_cannot_store__400_naming_where(world, label, raw, where):
+    client = client_for(world["tokens"]["admin"], "acme")
+    before_counts = control_counts()
+    response = client.generic("POST", "/api/releases/prepare", raw, content_type="application/json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "validation_error" and list(error["details"]) == [where], error
+    assert control_counts() == before_counts
+
+
+def test_prepare__nesting_at_the_limit__accepted_by_the_parser(world):
+    # 64 levels parse; the bundle validator then refuses the unknown section, in its own words.
+    client = client_for(world["tokens"]["admin"], "acme")
+    deep = b'{"from_env": "dev", "to_env": "staging", "bundle_data": {"x": ' + b"[" * 62 + b"]" * 62 + b"}}"
+    response = client.generic("POST", "/api/releases/prepare", deep, content_type="application/json")
+    assert response.status_code == 400 and list(response.json()["error"]["details"]) == ["x"], (
+        response.content
+    )
+
+
 def test_prepare__no_content_type__parsed_as_json(world):
     client = client_for(world["tokens"]["admin"], "acme")
     body = json.dumps(

@@ -115,6 +115,8 @@ def test_execute_api__bad_arguments__400_naming_args_fields(setup):
         ({"tool": "email.send", "args": "x"}, "args"),
         ({"tool": "email.send", "environment": "qa"}, "environment"),
         ({"tool": "email.send", "dry_run": "maybe"}, "dry_run"),
+        # The transcript's arguments could not be stored on PostgreSQL (jsonb has no NUL): a 500.
+        ({**EMAIL_CALL, "args": {**EMAIL_CALL["args"], "payload": {"note": "a\x00b"}}}, "args.payload.note"),
     ],
 )
 def test_execute_api__malformed_body__400_naming_field(setup, body, field):
