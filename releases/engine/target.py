@@ -26,6 +26,9 @@ SUPPORTED_ENGINES = {
 }
 SUPPORTED_SCHEMES = ("postgres", "postgresql", "pgsql", "sqlite")
 DEFAULT_LOCK_TIMEOUT_MS = 2000
+# Tables only releasemgr's own control database has (its tenants' tokens, its releases): a target
+# holding them all is a control database, this deployment's or another's, and is never released to.
+CONTROL_TABLES = ("tenants_tenant", "tenants_apitoken", "releases_release")
 
 
 @dataclass
@@ -122,6 +125,17 @@ def build_wrapper(
     return wrapper
 
 
+def _has_control_tables(cursor, vendor: str) -> bool:
+    """Does the database hold every one of CONTROL_TABLES? (On SQLite this also touches the schema.)"""
+    marks = ", ".join(["%s"] * len(CONTROL_TABLES))
+    if vendor == "sqlite":
+        sql = f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})"
+    else:
+        sql = f"SELECT count(DISTINCT tablename) FROM pg_catalog.pg_tables WHERE tablename IN ({marks})"
+    cursor.execute(sql, list(CONTROL_TABLES))
+    return cursor.fetchone()[0] == len(CONTROL_TABLES)
+
+
 @contextlib.contextmanager
 def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> Iterator[Target]:
     """Open the target database at `url`; TargetError (scrubbed) when it cannot be reached.
@@ -141,6 +155,7 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
         database_name=str(config.get("NAME")),
         secrets=secrets,
     )
+    control = False  # a SQLite control database is in WAL mode: its readers are never locked out
     try:
         try:
             wrapper.ensure_connection()
@@ -151,16 +166,25 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
                     # waits for its own lock budget and reports lock_timeout.
                     cursor.execute("PRAGMA busy_timeout = 0")
                     try:
-                        cursor.execute("SELECT count(*) FROM sqlite_master")
+                        control = _has_control_tables(cursor, vendor)
                     except Exception as exc:  # noqa: BLE001
                         if not is_lock_error(vendor, exc):
                             raise
                     finally:
                         cursor.execute(f"PRAGMA busy_timeout = {max(int(lock_timeout_ms), 1)}")
+            else:
+                with wrapper.cursor() as cursor:
+                    control = _has_control_tables(cursor, vendor)
         except Exception as exc:  # noqa: BLE001 - every connect failure becomes a TargetError
             raise TargetError(
                 f"cannot connect to the target database: {target.scrub(str(exc)).strip()}"
             ) from None
+        if control:
+            raise TargetError(
+                "the target database is releasemgr's own control database (it holds "
+                f"{', '.join(CONTROL_TABLES)}): release SQL never runs there; set the environment's URL "
+                "to the application's database"
+            )
         yield target
     finally:
         with contextlib.suppress(Exception):

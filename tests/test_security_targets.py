@@ -1,0 +1,122 @@
+"""A target database is never releasemgr's own control database.
+
+A tenant admin sets their environments' URLs in the admin. Pointed at the control database, a
+release would run its DDL there, on every tenant's tables (seen live: a tenant admin added a column
+to tenants_tenant of the control database through prepare and promote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from releases import engine
+from releases.models import Release
+from tenants.models import Environment
+from tenants.services import tenant_setup, token_issue
+
+from .test_admin_tenants import form_data
+
+pytestmark = pytest.mark.django_db
+
+ADD_COLUMN = {
+    "database": {
+        "changes": [
+            {"type": "add_column", "table": "tenants_tenant", "column": {"name": "x", "type": "text"}}
+        ]
+    }
+}
+
+
+def make_control_lookalike(
+    url: str, tables=("tenants_tenant", "tenants_apitoken", "releases_release")
+) -> None:
+    with engine.open_target(url) as target, target.connection.cursor() as cursor:
+        for table in tables:
+            cursor.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY)")
+
+
+def sqlite_columns(url: str, table: str) -> list[str]:
+    """Read directly: open_target refuses such a database."""
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+
+
+def test_open_target__releasemgr_control_tables__refused(database_factory):
+    url = database_factory()
+    make_control_lookalike(url)
+
+    with pytest.raises(engine.TargetError) as info, engine.open_target(url):
+        pass
+    assert "releasemgr's own control database" in str(info.value)
+
+
+def test_open_target__application_with_one_such_table_name__opens(database_factory):
+    url = database_factory()
+    make_control_lookalike(url, tables=("tenants_tenant",))
+
+    with engine.open_target(url) as target:
+        assert "tenants_tenant" in engine.introspect(target)["tables"]
+
+
+@pytest.fixture
+def acme(sqlite_database_factory):
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(slug="acme", environments=urls, admins=["acme-admin"])
+    admin = get_user_model().objects.get(username="acme-admin")
+    admin.is_staff = True
+    admin.save(update_fields=["is_staff"])
+    _, token = token_issue(tenant=tenant, user=admin)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG="acme")
+    return {"tenant": tenant, "admin": admin, "api": api}
+
+
+def set_url_in_admin(user, environment: Environment, url: str) -> None:
+    """What the tenant admin does: the environment's change form with a new database URL."""
+    client = Client()
+    client.force_login(user)
+    change = reverse("admin:tenants_environment_change", args=[environment.pk])
+    data = form_data(client.get(change))
+    data["database_url"] = url
+    response = client.post(change, data)
+    assert response.status_code == 302, re.findall(
+        r'<ul class="errorlist.*?</ul>', response.content.decode(), re.S
+    )
+
+
+def test_prepare__tenant_admin_pointed_staging_at_a_control_database__503_and_its_tables_untouched(
+    acme, sqlite_database_factory
+):
+    control = sqlite_database_factory()
+    make_control_lookalike(control)
+    staging = Environment.objects.get(tenant=acme["tenant"], stage="staging")
+    set_url_in_admin(acme["admin"], staging, control)
+
+    response = acme["api"].post(
+        "/api/releases/prepare",
+        {"from_env": "dev", "to_env": "staging", "bundle_data": ADD_COLUMN},
+        format="json",
+    )
+
+    assert response.status_code == 503, response.content
+    assert "control database" in response.json()["error"]["message"]
+    assert not Release.objects.exists()
+    assert sqlite_columns(control, "tenants_tenant") == ["id"]
+
+
+def test_open_target__the_running_control_database_itself__refused():
+    if connection.vendor != "postgresql":
+        pytest.skip("the control database is not PostgreSQL in this run")
+    settings = connection.settings_dict
+    url = f"postgres://{settings['USER']}@{settings['HOST']}:{settings['PORT'] or 5432}/{settings['NAME']}"
+    with pytest.raises(engine.TargetError), engine.open_target(url):
+        pass
