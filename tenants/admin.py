@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from .models import ApiToken, Environment, FeatureFlag, Membership, Role, Tenant
+from .selectors import environment_of_another_tenant
 from .services import token_issue, token_revoke
 
 # --- access by membership -------------------------------------------------------------------------
@@ -204,6 +205,11 @@ class EnvironmentForm(forms.ModelForm):
             raise forms.ValidationError("A new environment needs its database URL.")
         if value and not value.startswith(("sqlite:", "postgres://", "postgresql://", "pgsql://")):
             raise forms.ValidationError("A sqlite:/// or postgres:// URL.")
+        tenant = self.cleaned_data.get("tenant")  # absent in the tenant page's inline: the instance has it
+        tenant_id = tenant.pk if tenant else self.instance.tenant_id
+        if value and environment_of_another_tenant(url=value, tenant_id=tenant_id):
+            # Releases would run on that tenant's database without its approvals; which tenant is not said.
+            raise forms.ValidationError("This database is already the target database of another tenant.")
         return value
 
     def save(self, commit: bool = True):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import environ
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
@@ -41,3 +44,33 @@ def membership_get(*, tenant: Tenant, user: AbstractBaseUser) -> Membership | No
 
 def flags_of(environment: Environment) -> dict:
     return {flag.name: flag.value for flag in environment.flags.all()}
+
+
+_LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def database_identity(url: str) -> tuple[str, ...] | None:
+    """What names one database, whatever the URL's credentials and spelling: a SQLite file by its real
+    path; a PostgreSQL database by host (loopback names as one), port and name. None if unparsable."""
+    try:
+        config = environ.Env.db_url_config(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL names no database
+        return None
+    name = str(config.get("NAME") or "")
+    if not name or name == ":memory:":
+        return None
+    if str(config.get("ENGINE", "")).endswith("sqlite3"):
+        return ("sqlite", os.path.realpath(name))
+    host = str(config.get("HOST") or "").lower()
+    return ("postgresql", "localhost" if host in _LOOPBACK else host, str(config.get("PORT") or 5432), name)
+
+
+def environment_of_another_tenant(*, url: str, tenant_id: int | None) -> Environment | None:
+    """An environment of a tenant other than `tenant_id` whose target is the database `url` names."""
+    identity = database_identity(url)
+    if identity is None:
+        return None
+    for environment in Environment.objects.exclude(tenant_id=tenant_id).select_related("tenant"):
+        if database_identity(environment.database_url) == identity:
+            return environment
+    return None

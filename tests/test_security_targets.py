@@ -120,3 +120,49 @@ def test_open_target__the_running_control_database_itself__refused():
     url = f"postgres://{settings['USER']}@{settings['HOST']}:{settings['PORT'] or 5432}/{settings['NAME']}"
     with pytest.raises(engine.TargetError), engine.open_target(url):
         pass
+
+
+# --- one tenant's target is never another tenant's -------------------------------------------------
+
+
+def test_admin__tenant_admin_sets_another_tenants_database__form_error_url_unchanged(
+    acme, sqlite_database_factory
+):
+    """Seen live: alpha's admin pointed alpha/staging at beta's SQLite file and promoted a table into it."""
+    other_urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant_setup(slug="globex", environments=other_urls)
+    staging = Environment.objects.get(tenant=acme["tenant"], stage="staging")
+    before = staging.database_url
+    path = other_urls["prod"].removeprefix("sqlite:///")
+    client = Client()
+    client.force_login(acme["admin"])
+    change = reverse("admin:tenants_environment_change", args=[staging.pk])
+
+    for url in (other_urls["prod"], "sqlite:///" + path.replace("/target_", "/./target_")):
+        data = form_data(client.get(change))
+        data["database_url"] = url
+        response = client.post(change, data)
+        assert response.status_code == 200
+        assert "already the target database of another tenant" in response.content.decode()
+        assert "globex" not in response.content.decode()
+        staging.refresh_from_db()
+        assert staging.database_url == before
+
+    set_url_in_admin(acme["admin"], staging, sqlite_database_factory())  # a database of its own: saved
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "same"),
+    [
+        ("postgres://u:a@localhost/app", "postgres://v:b@127.0.0.1:5432/app", True),
+        ("postgres://u:a@db.example/app", "postgresql://u:a@DB.example:5432/app?sslmode=require", True),
+        ("postgres://u:a@db.example/app", "postgres://u:a@db.example/app2", False),
+        ("postgres://u:a@db.example:5433/app", "postgres://u:a@db.example/app", False),
+        ("sqlite:////srv/t/a.sqlite3", "sqlite:////srv/t/../t/a.sqlite3", True),
+        ("sqlite:////srv/t/a.sqlite3", "sqlite:////srv/t/b.sqlite3", False),
+    ],
+)
+def test_database_identity__aliases_of_one_database__equal(left, right, same):
+    from tenants.selectors import database_identity
+
+    assert (database_identity(left) == database_identity(right)) is same
