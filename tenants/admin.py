@@ -410,6 +410,14 @@ class ApiTokenAdmin(TenantScopedAdmin):
             kwargs["form"] = self.add_form
         return super().get_form(request, obj, change=change, **kwargs)
 
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name == "user" and not (request.user.is_active and request.user.is_superuser):
+            # A token acts as its user: a tenant admin holding an approver's token could approve their
+            # own release as that approver. Others' tokens come from a superuser or `issue_token`.
+            field.queryset = field.queryset.filter(pk=request.user.pk)
+        return field
+
     def get_fields(self, request: HttpRequest, obj=None):
         if obj is None:
             return ("tenant", "user", "name", "expires_at")

@@ -170,7 +170,7 @@ def test_api_token__created_in_admin__raw_shown_once_only_hash_stored_then_prefi
     client = login(acme[Role.ADMIN])
     response = client.post(
         reverse("admin:tenants_apitoken_add"),
-        {"tenant": acme["tenant"].pk, "user": acme[Role.APPROVER].pk, "name": "ci"},
+        {"tenant": acme["tenant"].pk, "user": acme[Role.ADMIN].pk, "name": "ci"},
         follow=True,
     )
 
@@ -187,6 +187,24 @@ def test_api_token__created_in_admin__raw_shown_once_only_hash_stored_then_prefi
     assert token.prefix in tenant_page and raw not in tenant_page
     for entry in LogEntry.objects.get_for_object(token):
         assert "token_hash" not in entry.changes_dict and raw not in str(entry.changes)
+
+
+def test_api_token__tenant_admin_for_another_member__refused_superuser_may(acme):
+    """A token acts as its user: a tenant admin holding an approver's token would approve their own
+    release as that approver (seen live: promote then passed its approval check)."""
+    client = login(acme[Role.ADMIN])
+    add = reverse("admin:tenants_apitoken_add")
+    assert acme[Role.APPROVER].username not in client.get(add).content.decode()
+    response = client.post(add, {"tenant": acme["tenant"].pk, "user": acme[Role.APPROVER].pk, "name": "x"})
+    assert response.status_code == 200 and "Select a valid choice" in response.content.decode()
+    assert ApiToken.objects.count() == 0
+
+    superuser = UserFactory(username="root", is_superuser=True)
+    response = login(superuser).post(
+        add, {"tenant": acme["tenant"].pk, "user": acme[Role.APPROVER].pk, "name": "ops"}
+    )
+    assert response.status_code == 302
+    assert ApiToken.objects.get().user == acme[Role.APPROVER]
 
 
 def test_api_token__user_not_member_or_other_tenant__refused_no_token(acme):
