@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.core import mail
@@ -308,6 +310,17 @@ def test_redact__keys_and_values__secrets_replaced_rest_kept():
     (scrubbed,) = redact(["postgres://user:pw@dbhost:5432/db"])
     assert scrubbed.startswith("postgres://***")
     assert "user" not in scrubbed and "pw" not in scrubbed and "dbhost" not in scrubbed
+
+
+@pytest.mark.parametrize("filler", ["y", "a.", "1a"])
+def test_redact__long_words_before_a_url__linear_time(filler):
+    # Found by fuzzing /api/tools/execute: the URL pattern retried from every letter of a long word
+    # (quadratic, holding the GIL): a 500 kB argument froze the server. 20 kB took 1.2-2.4 s; now ~1 ms.
+    value = filler * (20_000 // len(filler)) + " postgres://user:pw@dbhost/db"
+    started = time.perf_counter()
+    (scrubbed,) = redact([value])
+    assert time.perf_counter() - started < 0.5
+    assert scrubbed.endswith(" postgres://***/db") and "pw" not in scrubbed
 
 
 def test_execute__successful_call__transcript_has_timing_dry_run_and_result(setup):

@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
-from tenants.crypto import scrub
+from tenants.crypto import URL_SCHEME, scrub
 
 REDACTED = "***"
 
@@ -42,8 +42,8 @@ _SECRET_WORDS = frozenset(
 _SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")})
 _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-# scheme://user@host or scheme://user:password@host anywhere in a string.
-_URL_WITH_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@]+@", re.IGNORECASE)
+# scheme://user@host or scheme://user:password@host anywhere in a string (linear time, see URL_SCHEME).
+_URL_WITH_CREDENTIALS = re.compile(rf"{URL_SCHEME}[^/\s@]++@", re.IGNORECASE)
 
 
 def is_secret_key(key: object) -> bool:
