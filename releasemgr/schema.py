@@ -47,6 +47,8 @@ ERROR_DESCRIPTIONS = {
     413: "`payload_too_large`: the body is over the limit (1 MiB by default).",
     422: "`unsafe_migration`: lint errors not overridden by `allow_unsafe` (rules in `details.rules`).",
     429: "`rate_limited`: too many requests; see the Retry-After header.",
+    503: "`target_unreachable` or `lock_timeout`: the target database cannot be opened now (the message says "
+    "why, without URL, user, password or host); retry later.",
 }
 
 

@@ -1055,6 +1055,7 @@ def _settle_rollback_refused(
         )
 
 
+@_target_refusal()
 def _rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
     """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
     environment = release.to_environment

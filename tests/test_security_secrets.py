@@ -6,7 +6,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
-from releases.models import AuditEvent, Release
+from releases.models import AuditEvent, Release, ReleaseStatus
+from tenants.models import Environment
 from tenants.services import tenant_setup, token_issue
 
 pytestmark = pytest.mark.django_db
@@ -55,3 +56,31 @@ def test_environments__target_unreachable__listed_unreachable_scrubbed(api):
     assert prod["reachable"] is False and prod["error"].startswith("cannot connect")
     for secret in SECRETS:
         assert secret not in response.content.decode()
+
+
+def test_rollback__failed_release_target_unreachable__503_documented_nothing_settled(api):
+    # Found by fuzzing with a target down: settling a failed release opened the target unguarded (500).
+    prod = Environment.objects.get(tenant__slug="acme", stage="prod")
+    release = Release.objects.create(
+        tenant=prod.tenant,
+        release_id="rel_20260101_0000",
+        from_environment=Environment.objects.get(tenant=prod.tenant, stage="staging"),
+        to_environment=prod,
+        status=ReleaseStatus.FAILED,
+        bundle={"database": {"changes": []}, "feature_flags": {"beta": True}},
+        bundle_sha256="0" * 64,
+        sql_sha256="0" * 64,
+        native_fingerprint_before="f" * 64,
+    )
+
+    response = api.post("/api/releases/rollback", {"release_id": release.release_id}, format="json")
+
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "target_unreachable"
+    for secret in SECRETS:
+        assert secret not in response.content.decode()
+    release.refresh_from_db()
+    assert release.status == ReleaseStatus.FAILED
+    schema = api.get("/api/schema/", {"format": "json"}).json()
+    for path in ("/api/releases/prepare", "/api/releases/rollback"):
+        assert "503" in schema["paths"][path]["post"]["responses"], path

@@ -60,7 +60,7 @@ class PrepareView(ReleaseAPIView):
                 description="The manifest: status `prepared`, or `failed` with `error_message` when the "
                 "dry-run failed. Without `bundle_data` the bundle is computed as from_env minus to_env.",
             ),
-            **error_responses(404, 409),
+            **error_responses(404, 409, 503),
         },
     )
     @idempotent
@@ -132,7 +132,7 @@ class RollbackView(ReleaseAPIView):
             202: OpenApiResponse(
                 envelope(RollbackManifestOutput), description="`rolling_back`: a worker runs it."
             ),
-            **error_responses(404, 409),
+            **error_responses(404, 409, 503),
         },
     )
     @idempotent
