@@ -341,6 +341,7 @@ BAD_BUNDLES = [
         "too many changes",
         {"database": {"changes": [{**CREATE_NEW_FEATURE, "table": f"t{i}"} for i in range(501)]}},
     ),
+    ("too many flags", {"database": {"changes": []}, "feature_flags": {f"f{i}": True for i in range(501)}}),
 ]
 
 

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from releases.engine import BundleError, canonical_json, normalize_bundle, sha256_hex
+from releases.engine.bundle import MAX_FLAGS
 
 
 def _table(columns, table="items"):
@@ -261,6 +262,13 @@ def test_normalize_bundle__more_than_max_changes__refused():
     changes = [{"type": "drop_table", "table": f"t{i}"} for i in range(6)]
     errors = _errors({"database": {"changes": changes}}, max_changes=5)
     assert "at most 5" in errors["database.changes"]
+
+
+def test_normalize_bundle__more_than_max_flags__refused_500_kept():
+    flags = {f"flag_{i}": i % 2 == 0 for i in range(MAX_FLAGS)}
+    assert normalize_bundle({"feature_flags": flags})["feature_flags"] == flags
+    errors = _errors({"feature_flags": {**flags, "one_more": True}})
+    assert f"at most {MAX_FLAGS} feature flags" in errors["feature_flags"]
 
 
 def test_normalize_bundle__injection_in_default__kept_as_a_literal_string():

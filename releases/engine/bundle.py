@@ -491,11 +491,19 @@ def implicit_id_column() -> dict:
     }
 
 
+# Promote and rollback set each flag in the target's environment, under the target's lock: 60,000
+# flags (a 1 MiB body holds them) held it for over a minute.
+MAX_FLAGS = 500
+
+
 def normalize_flags(raw: Any, errors: _Collector, path: str = "feature_flags") -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         errors.add(path, f"must be an object of flag name -> true|false|plan name, got {_describe(raw)}")
+        return {}
+    if len(raw) > MAX_FLAGS:
+        errors.add(path, f"at most {MAX_FLAGS} feature flags per release, got {len(raw)}")
         return {}
     flags: dict[str, Any] = {}
     for name, value in raw.items():
