@@ -19,6 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -120,20 +121,32 @@ def bundle_compute(*, from_environment: Environment, to_environment: Environment
     return bundle_normalize({"database": {"changes": changes}, "feature_flags": flags})
 
 
+RELEASE_ID_RESERVED_SECONDS = 600
+
+
 def next_release_id(*, tenant: Tenant) -> str:
-    """rel_YYYYMMDD_hhmm in UTC, then _2, _3... The unique constraint settles races (see prepare)."""
+    """rel_YYYYMMDD_hhmm in UTC, then _2, _3...: the first one neither saved nor reserved.
+
+    The id is part of the plan (preservation table names), so it is chosen before the dry-run and
+    saved after it. Concurrent prepares of one tenant would all pick the same free id, and all but
+    one would plan again (after ten collisions: 409): each id handed out is reserved in the cache
+    (an atomic add) for RELEASE_ID_RESERVED_SECONDS. Across processes with a per-process cache the
+    unique constraint still settles races (see prepare); an id reserved but never saved is skipped.
+    """
     base = "rel_" + timezone.now().astimezone(UTC).strftime("%Y%m%d_%H%M")
     taken = set(
         Release.objects.filter(tenant=tenant, release_id__startswith=base).values_list(
             "release_id", flat=True
         )
     )
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}_{n}" in taken:
+    n = 1
+    while True:
+        candidate = base if n == 1 else f"{base}_{n}"
+        if candidate not in taken and cache.add(
+            f"releasemgr:release-id:{tenant.pk}:{candidate}", True, RELEASE_ID_RESERVED_SECONDS
+        ):
+            return candidate
         n += 1
-    return f"{base}_{n}"
 
 
 def _validate_allow_unsafe(allow_unsafe: Any, reason: Any) -> tuple[list[str], str]:

@@ -190,6 +190,31 @@ def test_next_release_id__taken__suffixes_in_order(tenant_factory):
         release.save()
 
 
+def test_next_release_id__concurrent_prepares__each_gets_its_own_id(tenant_factory):
+    """Ids handed out but not saved yet (prepares still in their dry-run) are not handed out again."""
+    import threading
+
+    from releases.services import next_release_id
+
+    tenant, _, _ = tenant_factory()
+    ids: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def pick() -> None:
+        barrier.wait()
+        ids.append(next_release_id(tenant=tenant))
+
+    threads = [threading.Thread(target=pick) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    if len({release_id[:17] for release_id in ids}) != 1:
+        pytest.skip("the minute turned during the test")
+    base = ids[0][:17]
+    assert sorted(ids) == sorted([base] + [f"{base}_{n}" for n in range(2, 9)])
+
+
 def test_rollback__not_the_latest_live_release__409_naming_the_one_first(tenant_factory):
     tenant, urls, client = tenant_factory()
     ids = []
