@@ -19,6 +19,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from releases import engine
+from releases.engine.target import CONTROL_TABLES
 from releases.models import Release
 from tenants.models import Environment
 from tenants.services import tenant_setup, token_issue
@@ -36,9 +37,7 @@ ADD_COLUMN = {
 }
 
 
-def make_control_lookalike(
-    url: str, tables=("tenants_tenant", "tenants_apitoken", "releases_release")
-) -> None:
+def make_control_lookalike(url: str, tables=CONTROL_TABLES) -> None:
     with engine.open_target(url) as target, target.connection.cursor() as cursor:
         for table in tables:
             cursor.execute(f"CREATE TABLE {table} (id integer PRIMARY KEY)")
@@ -59,12 +58,17 @@ def test_open_target__releasemgr_control_tables__refused(database_factory):
     assert "releasemgr's own control database" in str(info.value)
 
 
-def test_open_target__application_with_one_such_table_name__opens(database_factory):
+@pytest.mark.parametrize(
+    "tables",
+    [("tenants_tenant",), ("tenants_tenant", "tenants_apitoken", "releases_release")],
+    ids=["one", "an app's own tenants and releases"],
+)
+def test_open_target__application_with_some_such_table_names__opens(database_factory, tables):
     url = database_factory()
-    make_control_lookalike(url, tables=("tenants_tenant",))
+    make_control_lookalike(url, tables=tables)
 
     with engine.open_target(url) as target:
-        assert "tenants_tenant" in engine.introspect(target)["tables"]
+        assert set(tables) <= set(engine.introspect(target)["tables"])
 
 
 @pytest.fixture

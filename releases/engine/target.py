@@ -26,9 +26,18 @@ SUPPORTED_ENGINES = {
 }
 SUPPORTED_SCHEMES = ("postgres", "postgresql", "pgsql", "sqlite")
 DEFAULT_LOCK_TIMEOUT_MS = 2000
-# Tables only releasemgr's own control database has (its tenants' tokens, its releases): a target
-# holding them all is a control database, this deployment's or another's, and is never released to.
-CONTROL_TABLES = ("tenants_tenant", "tenants_apitoken", "releases_release")
+# Tables only releasemgr's own control database has (its tenants' tokens, its releases, approval
+# links, idempotency records, tool transcripts): a target holding them all is a control database,
+# this deployment's or another's, and is never released to. Six names, so that an application of
+# its own with apps and models called tenants/Tenant or releases/Release is not mistaken for one.
+CONTROL_TABLES = (
+    "tenants_tenant",
+    "tenants_apitoken",
+    "releases_release",
+    "releases_approvallink",
+    "releases_idempotencyrecord",
+    "tools_tooltranscript",
+)
 
 
 @dataclass
