@@ -173,12 +173,8 @@ def seed(workdir: Path, releases: int, clients: int) -> dict:
     import django
 
     django.setup()
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from releases.models import Release, ReleaseStatus
-    from tenants.models import Environment
+    from benchmarks.seeding import releases_bulk
+    from releases.models import Release
     from tenants.services import tenant_setup, token_issue, user_ensure
 
     def targets(prefix: str) -> dict[str, str]:
@@ -190,10 +186,6 @@ def seed(workdir: Path, releases: int, clients: int) -> dict:
     tenant = tenant_setup(slug="bench", environments=targets("bench"), admins=["bench-admin"])
     admin = user_ensure(username="bench-admin")
     _, list_token = token_issue(tenant=tenant, user=admin)
-    environments = {e.stage: e for e in Environment.objects.filter(tenant=tenant)}
-    authors = [user_ensure(username=f"author-{n}") for n in range(10)]
-    statuses = list(ReleaseStatus.values)
-    hops = [("dev", "staging"), ("staging", "prod")]
     bundle = {
         "database": {
             "changes": [
@@ -222,27 +214,7 @@ def seed(workdir: Path, releases: int, clients: int) -> dict:
         "fingerprint_before": "a" * 64,
         "fingerprint_after": "b" * 64,
     }
-    now = timezone.now()
-    Release.objects.bulk_create(
-        (
-            Release(
-                tenant=tenant,
-                release_id=f"rel_20240101_0000_{n}",
-                from_environment=environments[hops[n % 2][0]],
-                to_environment=environments[hops[n % 2][1]],
-                status=statuses[n % len(statuses)],
-                bundle=bundle,
-                bundle_sha256=f"{n:064x}",
-                sql_sha256=f"{n:064x}",
-                lint_findings=lint,
-                dry_run_summary=dry_run,
-                created_by=authors[n % len(authors)],
-                created_at=now - timedelta(seconds=n),
-            )
-            for n in range(releases)
-        ),
-        batch_size=1000,
-    )
+    releases_bulk(tenant, releases, bundle=bundle, lint_findings=lint, dry_run_summary=dry_run, authors=10)
     ci = []
     for number in range(1, clients + 1):
         slug = f"ci-{number:02d}"

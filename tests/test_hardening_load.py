@@ -12,9 +12,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from benchmarks.seeding import releases_bulk
 from releases.models import Release, ReleaseStatus
-from tenants.models import Environment
-from tenants.services import tenant_setup, token_issue, user_ensure
+from tenants.services import tenant_setup, token_issue
 
 pytestmark = pytest.mark.django_db
 
@@ -35,29 +35,11 @@ BIG_BUNDLE = {
 
 
 def seed_releases(tenant, count: int) -> None:
-    """Rows written directly (bulk_create): several authors, statuses and both pipeline hops."""
-    environments = {e.stage: e for e in Environment.objects.filter(tenant=tenant)}
-    authors = [user_ensure(username=f"author-{n}") for n in range(5)]
-    now = timezone.now()
-    hops = [("dev", "staging"), ("staging", "prod")]
-    statuses = list(ReleaseStatus.values)
-    Release.objects.bulk_create(
-        [
-            Release(
-                tenant=tenant,
-                release_id=f"rel_20240101_0000_{n}",
-                from_environment=environments[hops[n % 2][0]],
-                to_environment=environments[hops[n % 2][1]],
-                status=statuses[n % len(statuses)],
-                bundle=BIG_BUNDLE,
-                bundle_sha256="0" * 64,
-                lint_findings=[{"rule": "adding-field-with-default", "message": "x" * 200}] * 10,
-                created_by=authors[n % len(authors)],
-                created_at=now - timedelta(minutes=n),
-            )
-            for n in range(count)
-        ],
-        batch_size=500,
+    releases_bulk(
+        tenant,
+        count,
+        bundle=BIG_BUNDLE,
+        lint_findings=[{"rule": "adding-field-with-default", "message": "x" * 200}] * 10,
     )
 
 
