@@ -51,6 +51,18 @@ def item_rows(url: str) -> list[tuple]:
     return query(url, "SELECT id, name, qty, note FROM items ORDER BY id")
 
 
+def rollback_refused(world, release_id: str, code: str) -> dict:
+    """Roll back expecting a 409 `code`: the target as it was, the release still promoted. The error."""
+    state = target_state(world.urls["staging"])
+    response = world.rollback(release_id)
+    assert response.status_code == 409, response.content
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert target_state(world.urls["staging"]) == state
+    assert Release.objects.get(release_id=release_id).status == "promoted"
+    return error
+
+
 @pytest.fixture
 def world(database_factory):
     world = make_world(database_factory)
@@ -136,12 +148,7 @@ def test_rollback__target_changed_by_hand_between_two_releases__older_one_still_
     run_sql(world.urls["staging"], "CREATE TABLE by_hand (id bigint PRIMARY KEY)")
     second = world.promoted(changes(create_table("labels")))
     assert world.rollback(second).json()["data"]["status"] == "rolled_back"
-    state = target_state(world.urls["staging"])
-    response = world.rollback(first)
-    assert response.status_code == 409, response.content
-    assert response.json()["error"]["code"] == "schema_drift"
-    assert target_state(world.urls["staging"]) == state
-    assert Release.objects.get(release_id=first).status == "promoted"
+    rollback_refused(world, first, "schema_drift")
 
 
 def test_release_rollback_command__to__rolls_back_newer_ones_in_order(world):
@@ -256,16 +263,9 @@ def test_rollback__after_purge_preserved__409_rollback_blocked_target_unchanged(
     assert preservation.preserved_table not in table_names(world.urls["staging"])
     preservation.refresh_from_db()
     assert preservation.purged_at is not None
-    state = target_state(world.urls["staging"])
 
-    response = world.rollback(release_id)
-    assert response.status_code == 409, response.content
-    error = response.json()["error"]
-    assert error["code"] == "rollback_blocked" and error["details"]["purged"] == [
-        preservation.preserved_table
-    ]
-    assert target_state(world.urls["staging"]) == state
-    assert Release.objects.get(release_id=release_id).status == "promoted"
+    error = rollback_refused(world, release_id, "rollback_blocked")
+    assert error["details"]["purged"] == [preservation.preserved_table]
 
 
 def test_rollback__rows_written_after_promote__added_column_values_preserved_not_lost(world):
@@ -285,12 +285,8 @@ def test_rollback__recorded_rollback_statements_altered__409_schema_drift_target
     Migration.objects.filter(pk=migration.pk).update(
         rollback_statements=[*migration.rollback_statements, {"sql": "DELETE FROM items", "params": None}]
     )
-    state = target_state(world.urls["staging"])
-    response = world.rollback(release_id)
-    assert response.status_code == 409, response.content
-    assert response.json()["error"]["code"] == "schema_drift"
-    assert target_state(world.urls["staging"]) == state and item_rows(world.urls["staging"]) == ITEM_ROWS
-    assert Release.objects.get(release_id=release_id).status == "promoted"
+    rollback_refused(world, release_id, "schema_drift")
+    assert item_rows(world.urls["staging"]) == ITEM_ROWS
 
 
 # --- property: apply then roll back is the identity -----------------------------------------------
@@ -410,12 +406,7 @@ def test_property__random_bundle_promoted_then_rolled_back__original_schema_and_
 def test_rollback__not_null_column_dropped_then_rows_added__409_rollback_blocked_nothing_run(world):
     release_id = world.promoted(changes({"type": "drop_column", "table": "items", "column": "name"}))
     run_sql(world.urls["staging"], "INSERT INTO items (id, qty) VALUES (1000, 1)")
-    state = target_state(world.urls["staging"])
-    response = world.rollback(release_id)
-    assert response.status_code == 409, response.content
-    assert response.json()["error"]["code"] == "rollback_blocked"
-    assert target_state(world.urls["staging"]) == state
-    assert Release.objects.get(release_id=release_id).status == "promoted"
+    rollback_refused(world, release_id, "rollback_blocked")
     # Once the new row is dealt with, the rollback goes through and every value comes back.
     run_sql(world.urls["staging"], "DELETE FROM items WHERE id = 1000")
     assert world.rollback(release_id).json()["data"]["status"] == "rolled_back"
@@ -425,13 +416,8 @@ def test_rollback__not_null_column_dropped_then_rows_added__409_rollback_blocked
 def test_rollback__target_changed_by_hand_after_promote__409_schema_drift_nothing_run(world):
     release_id = world.promoted(changes(add_column("items", "color", "string", max_length=20)))
     run_sql(world.urls["staging"], "CREATE INDEX items_color_by_hand ON items (color)")
-    state = target_state(world.urls["staging"])
-    response = world.rollback(release_id)
-    assert response.status_code == 409, response.content
-    assert response.json()["error"]["code"] == "schema_drift"
-    assert target_state(world.urls["staging"]) == state
-    release = Release.objects.get(release_id=release_id)
-    assert release.status == "promoted" and release.error_code == "schema_drift"
+    rollback_refused(world, release_id, "schema_drift")
+    assert Release.objects.get(release_id=release_id).error_code == "schema_drift"
     environments = {e["name"]: e for e in world.client.get("/api/environments/").json()["data"]}
     assert environments["staging"]["live_release"] == release_id
 
