@@ -730,7 +730,7 @@ def approved_changes(release: Release) -> list[dict]:
     return changes
 
 
-def release_apply_recorded(target, release: Release, *, changes: list[dict] | None = None):
+def release_apply_recorded(target, release: Release, *, changes: list[dict]):
     """Run a release's approved forward statements on its target in one transaction (engine.apply),
     with the environment's timeouts; the promotion and the executor's db.migrate both go through here."""
     environment = release.to_environment
@@ -739,7 +739,7 @@ def release_apply_recorded(target, release: Release, *, changes: list[dict] | No
         release_pk=release.pk,
         release_id=release.release_id,
         bundle_sha256=release.bundle_sha256,
-        changes=changes if changes is not None else approved_changes(release),
+        changes=changes,
         expected_native_before=release.native_fingerprint_before,
         expected_fingerprint_after=release.fingerprint_after,
         lock_timeout_ms=environment.apply_lock_timeout_ms,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import environ
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
@@ -52,9 +51,11 @@ _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 def database_identity(url: str) -> tuple[str, ...] | None:
     """What names one database, whatever the URL's credentials and spelling: a SQLite file by its real
     path; a PostgreSQL database by host (loopback names as one), port and name. None if unparsable."""
+    from releases.engine.target import TargetError, parse_url  # the targets' own parse
+
     try:
-        config = environ.Env.db_url_config(url)
-    except Exception:  # noqa: BLE001 - an unparsable URL names no database
+        config = parse_url(url)
+    except TargetError:  # an unparsable or unsupported URL names no database
         return None
     name = str(config.get("NAME") or "")
     if not name or name == ":memory:":

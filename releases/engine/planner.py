@@ -277,18 +277,13 @@ class Plan:
 def statements_sha256(changes: list[Any]) -> str:
     """sha256 over the canonical JSON of every forward and rollback statement, in order.
 
-    `changes` are Plan change dicts or `Migration` rows (in position order).
+    `changes` are change dicts (Plan changes, or recorded ones), in position order.
     """
-
-    def field_of(change: Any, key: str) -> list:
-        value = change.get(key) if isinstance(change, dict) else getattr(change, key, None)
-        return list(value or [])
-
     return sha256_hex(
         [
             {
-                "statements": field_of(change, "statements"),
-                "rollback_statements": field_of(change, "rollback_statements"),
+                "statements": list(change.get("statements") or []),
+                "rollback_statements": list(change.get("rollback_statements") or []),
             }
             for change in changes
         ]
