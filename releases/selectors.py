@@ -105,7 +105,7 @@ COUNT_KEPT_SECONDS = 60
 
 class ReleaseSummaries:
     """The API list's releases as summaries (serializers.release_summary, the same dicts), newest
-    first: countable and sliceable.
+    first: page(offset, limit) and count().
 
     At most two statements per page whatever its size, written in plain SQL for both dialects: with
     10,000 releases, building a page through the ORM cost several times the SQL itself (query
@@ -116,8 +116,6 @@ class ReleaseSummaries:
     Without a status filter, the count is kept (see _count_kept) and the page statement also reads
     the tenant's newest created_at, the key it is kept under: a page is then one statement.
     """
-
-    ordered = True
 
     def __init__(self, *, tenant: Tenant, status: str | None = None, to_env: str | None = None) -> None:
         _check_list_filters(status=status, to_env=to_env)
@@ -181,15 +179,6 @@ class ReleaseSummaries:
             count = self._count_now()
             cache.set(key, count, COUNT_KEPT_SECONDS)
         return count
-
-    def __len__(self) -> int:
-        return self.count()
-
-    def __getitem__(self, key: slice) -> list[dict]:
-        if not isinstance(key, slice) or key.step is not None:
-            raise TypeError("ReleaseSummaries takes slices without a step")
-        offset = max(key.start or 0, 0)
-        return self.page(offset, (key.stop if key.stop is not None else self.count()) - offset)
 
 
 _UNREAD = object()

@@ -34,9 +34,13 @@ def memberships_of(request: HttpRequest) -> dict[int, Membership]:
     return cached
 
 
+def is_superuser(request: HttpRequest) -> bool:
+    return request.user.is_active and request.user.is_superuser
+
+
 def tenant_ids_for(request: HttpRequest, role: str = Role.VIEWER) -> set[int] | None:
     """Ids of the tenants where the user has at least `role`; None means every tenant (superuser)."""
-    if request.user.is_active and request.user.is_superuser:
+    if is_superuser(request):
         return None
     return {tenant_id for tenant_id, m in memberships_of(request).items() if m.has_role(role)}
 
@@ -299,10 +303,10 @@ class TenantAdmin(TenantScopedAdmin):
         return format_html('<a href="{}">pipeline</a>', url)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
-        return request.user.is_active and request.user.is_superuser
+        return is_superuser(request)
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return request.user.is_active and request.user.is_superuser
+        return is_superuser(request)
 
 
 class FeatureFlagForm(forms.ModelForm):
@@ -412,7 +416,7 @@ class ApiTokenAdmin(TenantScopedAdmin):
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
         field = super().formfield_for_foreignkey(db_field, request, **kwargs)
-        if db_field.name == "user" and not (request.user.is_active and request.user.is_superuser):
+        if db_field.name == "user" and not is_superuser(request):
             # A token acts as its user: a tenant admin holding an approver's token could approve their
             # own release as that approver. Others' tokens come from a superuser or `issue_token`.
             field.queryset = field.queryset.filter(pk=request.user.pk)
