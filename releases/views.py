@@ -28,8 +28,11 @@ MAX_COMMENT = 2000
 
 def _page(request: HttpRequest, template: str, context: dict, status: int = 200) -> HttpResponse:
     response = render(request, template, context, status=status)
-    # The URL holds a bearer credential: keep it out of Referer headers, caches and indexes.
-    response["Referrer-Policy"] = "no-referrer"
+    # The URL holds a bearer credential: keep it out of other sites' Referer headers, caches and
+    # indexes. "same-origin", not "no-referrer": with "no-referrer" a browser posts the page's own
+    # form with `Origin: null`, which Django's CSRF check refuses ("Origin checking failed - null").
+    # Same-origin requests may carry the URL: they go to the server that issued the token anyway.
+    response["Referrer-Policy"] = "same-origin"
     response["X-Robots-Tag"] = "noindex, nofollow"
     return response
 

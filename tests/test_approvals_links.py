@@ -132,7 +132,7 @@ def test_link_get__valid_link__shows_sql_rollback_lint_dry_run_and_decides_nothi
     assert 'rollback: <span class="ok">verified' in page.replace("\n", " ")
     assert "alice" in page and release.bundle_sha256 in page
     assert 'name="csrfmiddlewaretoken"' in page and 'value="approved"' in page and 'value="rejected"' in page
-    assert response["Referrer-Policy"] == "no-referrer"
+    assert response["Referrer-Policy"] == "same-origin"
     assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
     # A scanner fetching it ten times decides nothing and uses nothing.
     for _ in range(10):

@@ -7,8 +7,6 @@ visited is checked for console errors and page errors; screenshots go to test-ar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from releases import engine
@@ -16,22 +14,10 @@ from releases.models import Approval, Release, ReleaseStatus
 from releases.services import release_prepare, release_promote
 from tenants.models import Role
 from tenants.services import membership_set, tenant_setup
-from tests.conftest import IN_CI
+from tests.conftest import ARTIFACTS
 from tests.factories import PASSWORD, UserFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 CREATE_WIDGETS = {
     "database": {
@@ -89,27 +75,6 @@ class AdminBrowser:
 
     def messages(self) -> str:
         return self.page.inner_text("ul.messagelist") if self.page.locator("ul.messagelist").count() else ""
-
-
-@pytest.fixture
-def chromium(monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the ORM calls the test makes between
-    # page actions are synchronous and safe here. Set for this test only (never at import: a
-    # subprocess started by another test would inherit it).
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture
