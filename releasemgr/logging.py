@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from releasemgr.context import client_address_var, request_id_var
-from tenants.crypto import URL_SCHEME
+from releasemgr.core.scrub import URL_SCHEME
 
 # Credentials inside URLs (scheme://user:password@host), bearer tokens, this project's raw API
 # tokens (rm_...), libpq-style password=..., Fernet ciphertexts of encrypted target URLs, and the

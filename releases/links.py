@@ -12,7 +12,7 @@ the release's `bundle_sha256` and a nonce stored in `ApprovalLink`. So a link:
 - is used once: the nonce is consumed by a conditional UPDATE, so of two concurrent POSTs only one
   decides.
 
-Resolving a link decides nothing; only `approval_link_decide` (the confirmation page's POST) does.
+Resolving a link decides nothing; only `services.approval_link_decide` (the confirmation page's POST) does.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core import signing
-from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
 from tenants.models import Role
 from tenants.selectors import members_with_role
 
-from .models import Approval, ApprovalLink, Release, ReleaseStatus
+from .models import ApprovalLink, Release, ReleaseStatus
 
 SALT = "releasemgr.releases.approval-link"
 
@@ -139,38 +138,6 @@ def approval_link_resolve(
             409,
         )
     return ResolvedLink(link=link, release=release, approver=approver, token=token)
-
-
-def approval_link_decide(
-    *,
-    release_pk: int,
-    token: str,
-    decision: str,
-    comment: str = "",
-    user: AbstractBaseUser | None = None,
-) -> Approval:
-    """Use a link: consume its nonce and record the decision, both or neither.
-
-    The conditional UPDATE makes the link single-use even under concurrent POSTs. A refusal by
-    the approval service (role lost, self-approval, release no longer prepared) rolls the
-    consumption back with it, so nothing was decided and nothing was used.
-    """
-    from . import services
-
-    resolved = approval_link_resolve(release_pk=release_pk, token=token, user=user)
-    with transaction.atomic():
-        consumed = ApprovalLink.objects.filter(nonce=resolved.link.nonce, used_at__isnull=True).update(
-            used_at=timezone.now()
-        )
-        if not consumed:
-            raise LinkError("used", "This approval link has already been used; each link decides once.", 410)
-        return services.approval_record(
-            release=resolved.release,
-            user=resolved.approver,
-            decision=decision,
-            via="email",
-            comment=comment,
-        )
 
 
 def approvers_to_ask(release: Release) -> list[AbstractBaseUser]:

@@ -8,7 +8,7 @@
 - `promoted`, `failed`, `rolled_back`, `post_deploy_mismatch`: one `release_notification` to the
   tenant's admins.
 
-Called by `tasks.notify_task` (queued on commit by `services._notify`), so mail goes out from a
+Called by `tasks.notify_task` (queued on commit by `services.notify`), so mail goes out from a
 worker when there is one, and after the transaction that changed the release committed.
 """
 

@@ -161,7 +161,7 @@ class ReleaseSummaries:
         """COUNT(*) reads every matching index entry (10,000 releases: most of a page's database
         time); without a status filter the count can only change when the tenant gets a new release,
         which moves its newest created_at, an index seek. So the count is kept in the cache under
-        that value. Prepare takes created_at under the tenant's row lock (services._release_save),
+        that value. Prepare takes created_at under the tenant's row lock (services.prepare.release_save),
         so releases commit in created_at order. A release inserted with an older created_at, or
         deleted, by anything else (the product does neither) shows in the count within
         COUNT_KEPT_SECONDS."""

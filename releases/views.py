@@ -17,7 +17,7 @@ from django.views.decorators.http import require_http_methods
 
 from releasemgr.api import ApiError
 
-from . import links
+from . import links, services
 from .models import ApprovalDecision, Release
 from .selectors import approval_counts
 
@@ -91,7 +91,7 @@ def approval_link(request: HttpRequest, release_pk: int, token: str) -> HttpResp
         )
     comment = request.POST.get("comment", "")[:MAX_COMMENT]
     try:
-        approval = links.approval_link_decide(
+        approval = services.approval_link_decide(
             release_pk=release_pk, token=token, decision=decision, comment=comment, user=user
         )
     except links.LinkError as exc:

@@ -9,6 +9,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from releasemgr.core.scrub import mask_url
+
 from . import crypto
 
 
@@ -80,7 +82,7 @@ class Environment(models.Model):
 
     @property
     def database_url_masked(self) -> str:
-        return crypto.mask_url(self.database_url)
+        return mask_url(self.database_url)
 
     @property
     def stage_index(self) -> int:

@@ -191,13 +191,13 @@ def test_link_decide__two_concurrent_uses__only_one_decides(acme, mailoutbox):
     token = paths["alice"].rstrip("/").rsplit("/", 1)[1]
     # Both requests resolved the link before either consumed it (the race the UPDATE settles).
     resolved = links.approval_link_resolve(release_pk=release.pk, token=token)
-    links.approval_link_decide(release_pk=release.pk, token=token, decision="approved")
+    services.approval_link_decide(release_pk=release.pk, token=token, decision="approved")
     consumed = ApprovalLink.objects.filter(nonce=resolved.link.nonce, used_at__isnull=True).update(
         used_at=timezone.now()
     )
     assert consumed == 0
     with pytest.raises(links.LinkError) as refused:
-        links.approval_link_decide(release_pk=release.pk, token=token, decision="rejected")
+        services.approval_link_decide(release_pk=release.pk, token=token, decision="rejected")
     assert refused.value.code == "used"
     assert Approval.objects.get(release=release).decision == "approved"
 

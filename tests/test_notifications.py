@@ -232,7 +232,7 @@ def test_notify__inside_a_transaction__nothing_sent_before_commit(
     release = prepare(acme, to_env="staging")
     mailoutbox.clear()
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        services._notify(release, "failed")
+        services.notify(release, "failed")
     assert mailoutbox == [] and len(callbacks) == 1
     callbacks[0]()
     [message] = mailoutbox

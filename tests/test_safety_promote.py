@@ -384,12 +384,12 @@ def test_promote__target_release_lock_held_by_another_session__409_environment_b
 ):
     """E.g. a retention purge or a promote driven from another control database holds the target's lock."""
     from releases import engine
-    from releases.services import _target_lock_key
+    from releases.services import target_lock_key
 
     release_id = world.prepared(changes(add_column("accounts", "plan", "string", max_length=20)))
     before = target_state(world.urls["staging"])
     with engine.open_target(world.urls["staging"]) as target:
-        with engine.target_lock(target, _target_lock_key(world.environment("staging"))) as locked:
+        with engine.target_lock(target, target_lock_key(world.environment("staging"))) as locked:
             assert locked
             response = world.promote(release_id)
     assert response.status_code == 409, response.content

@@ -62,9 +62,7 @@ def test_promote_task__delivered_twice__second_does_nothing(
 ):
     release, url, admin = staging_release
     # The request's half: lease and status, as release_promote does before queueing the task.
-    owner = services._begin(
-        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=admin
-    )
+    owner = services.begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING)
     with django_capture_on_commit_callbacks(execute=True):
         tasks.promote_task(release.pk, owner, admin.pk)
     release.refresh_from_db()
@@ -84,9 +82,7 @@ def test_promote_task__redelivered_after_the_target_committed__settled_from_hist
     staging_release, django_capture_on_commit_callbacks
 ):
     release, url, admin = staging_release
-    owner = services._begin(
-        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=admin
-    )
+    owner = services.begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING)
     # The first delivery applied and committed on the target, then its worker died before it
     # could record the outcome in the control database.
     with engine.open_target(url) as target:
@@ -95,7 +91,7 @@ def test_promote_task__redelivered_after_the_target_committed__settled_from_hist
             release_pk=release.pk,
             release_id=release.release_id,
             bundle_sha256=release.bundle_sha256,
-            changes=services._recorded_changes(release),
+            changes=services.recorded_changes(release),
             expected_native_before=release.native_fingerprint_before,
             expected_fingerprint_after=release.fingerprint_after,
         )
@@ -116,9 +112,7 @@ def test_promote_task__redelivered_after_the_target_committed__settled_from_hist
 def test_promote_task__another_owner_holds_a_live_lease__does_nothing(staging_release):
     release, url, admin = staging_release
     before = native(url)
-    services._begin(
-        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=admin
-    )
+    services.begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING)
     holder = Environment.objects.get(pk=release.to_environment_id).lock_owner
 
     tasks.promote_task(release.pk, "otherhost:1:deadbeef", admin.pk)
@@ -135,11 +129,10 @@ def test_rollback_task__delivered_twice__second_does_nothing(
     with django_capture_on_commit_callbacks(execute=True):
         services.release_promote(release=release, user=admin)
     assert Release.objects.get(pk=release.pk).status == ReleaseStatus.PROMOTED
-    owner = services._begin(
+    owner = services.begin(
         Release.objects.get(pk=release.pk),
         status_from=ReleaseStatus.PROMOTED,
         status_to=ReleaseStatus.ROLLING_BACK,
-        user=admin,
     )
     with django_capture_on_commit_callbacks(execute=True):
         tasks.rollback_task(release.pk, owner, admin.pk)
@@ -163,16 +156,14 @@ def test_tasks__audit_events_name_the_task_process(staging_release, django_captu
 
 def test_reconcile__worker_died_after_the_target_committed__settled_promoted(staging_release):
     release, url, admin = staging_release
-    services._begin(
-        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, user=admin
-    )
+    services.begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING)
     with engine.open_target(url) as target:
         engine.apply(
             target,
             release_pk=release.pk,
             release_id=release.release_id,
             bundle_sha256=release.bundle_sha256,
-            changes=services._recorded_changes(release),
+            changes=services.recorded_changes(release),
             expected_native_before=release.native_fingerprint_before,
             expected_fingerprint_after=release.fingerprint_after,
         )

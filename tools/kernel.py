@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tenants.crypto import scrub
+from releasemgr.core.scrub import scrub
 from tenants.models import Membership
 
 from .errors import ToolFailure, ToolRefused, ToolValidationError

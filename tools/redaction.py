@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
-from tenants.crypto import URL_SCHEME, scrub
+from releasemgr.core.scrub import URL_SCHEME, scrub
 
 REDACTED = "***"
 

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import environ
 
-from tenants.crypto import scrub
+from releasemgr.core.scrub import scrub
 
 PG_DUMP_FORMAT = "pg_dump-custom"
 SQLITE_FORMAT = "sqlite"

@@ -16,7 +16,7 @@ import environ
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import load_backend
 
-from tenants.crypto import scrub
+from releasemgr.core.scrub import scrub
 
 from .errors import TargetError, TargetLockedError, is_lock_error
 

@@ -277,13 +277,13 @@ def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[s
     if not release.native_fingerprint_before or not release.fingerprint_after:
         raise ToolFailure("The release has no fingerprints recorded at prepare; prepare it again.")
     # The statements recorded at prepare are the ones approved, and the ones run.
-    from releases import services
+    from releases.recorded import approved_changes, release_apply_recorded
 
     environment = release.to_environment
     try:
-        changes = services.approved_changes(release)
+        changes = approved_changes(release)
         with engine.open_target(environment.database_url) as target:
-            result = services.release_apply_recorded(target, release, changes=changes)
+            result = release_apply_recorded(target, release, changes=changes)
     except engine.TargetError as exc:
         raise ToolFailure(exc.message, code=exc.code)
     except engine.EngineError as exc:

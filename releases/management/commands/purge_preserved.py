@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from releases.retention import preserved_purge
+from releases.services import preserved_purge
 
 from ._base import ServiceCommand, bad_arguments
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
+from releasemgr.core.scrub import mask_url
 from releases.management.commands._base import Refused, ServiceCommand
-from tenants.crypto import mask_url
 from tenants.models import Environment, Role, Stage
 from tenants.services import membership_set, tenant_setup, token_issue, user_login_set
 

@@ -9,10 +9,10 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email, validate_slug
 from django.db import transaction
 
+from releasemgr.core.scrub import mask_url
 from releases.engine.errors import TargetError
 from releases.engine.target import open_target, parse_url
 from releases.management.commands._base import ServiceCommand, bad_arguments
-from tenants.crypto import mask_url
 from tenants.models import Environment, Stage, Tenant
 from tenants.services import tenant_setup
 

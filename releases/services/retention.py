@@ -14,8 +14,9 @@ from django.utils import timezone
 
 from tenants.models import Environment, Tenant
 
-from . import engine
-from .models import Preservation, ReleaseStatus
+from .. import engine
+from ..models import Preservation, ReleaseStatus
+from .leases import target_lock_key
 
 IN_FLIGHT = (ReleaseStatus.PROMOTING, ReleaseStatus.ROLLING_BACK)
 
@@ -52,8 +53,6 @@ def preserved_purge(
     Each environment is handled under its target's release lock, so a running promote or rollback
     never loses the data it is reading; an environment that is busy is skipped and reported.
     """
-    from .services import _target_lock_key
-
     if older_than_days < 0:
         raise ValueError("older_than_days must not be negative")
     report = PurgeReport(dry_run=dry_run)
@@ -74,7 +73,7 @@ def preserved_purge(
             report.purged.append({**label, "releases": releases, "tables": tables, "dropped": 0})
             continue
         with engine.open_target(environment.database_url) as target:
-            with engine.target_lock(target, _target_lock_key(environment)) as locked:
+            with engine.target_lock(target, target_lock_key(environment)) as locked:
                 if not locked:
                     report.skipped.append({**label, "reason": "the target's release lock is held"})
                     continue

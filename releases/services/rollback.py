@@ -1,0 +1,176 @@
+"""Rollback: the latest live release of an environment goes back, its data restored, its flags put back.
+
+A failed release is settled instead ("rollback failed migration" in the guide): nothing runs, the
+target must be at the release's pre-state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+
+from releasemgr.api import Conflict
+from releasemgr.core.scrub import scrub
+from tenants.models import Environment, Tenant
+
+from .. import engine, metrics
+from ..models import Release, ReleaseStatus
+from ..recorded import approved_changes, history_has
+from ..selectors import live_release
+from .dispatch import ROLLBACK, dispatch, in_process
+from .leases import lease_acquire_for_task, lease_release, target_session
+from .reconcile import release_reconcile
+from .side_effects import metric_labels
+from .targets import target_refusal
+from .transitions import (
+    actor_of,
+    begin,
+    release_for_task,
+    settle_rollback_refused,
+    settle_rolled_back,
+    wait_for,
+)
+
+logger = logging.getLogger("releases.services")  # one logger name for operators, as before the split
+
+
+def release_rollback(
+    *, release: Release, user: AbstractBaseUser, wait_seconds: float | None = None
+) -> Release:
+    """Roll back the latest live release of its environment (or settle a failed one)."""
+    if release.status == ReleaseStatus.FAILED:
+        return rollback_failed(release, user)
+    if release.status != ReleaseStatus.PROMOTED:
+        raise Conflict(
+            f"Release {release.release_id} is {release.status}; only a promoted or failed release can be rolled back.",
+            details={"status": release.status},
+        )
+    live = live_release(environment=release.to_environment)
+    if live is not None and live.pk != release.pk:
+        raise Conflict(
+            f"Roll back {live.release_id} first: it is the latest live release on {release.to_env}.",
+            details={"release_id": live.release_id},
+        )
+    purged = list(
+        release.preservations.filter(purged_at__isnull=False).values_list("preserved_table", flat=True)
+    )
+    if purged:
+        raise Conflict(
+            "The data this rollback would restore has been purged; it cannot be rolled back.",
+            code="rollback_blocked",
+            details={"purged": purged},
+        )
+    release_reconcile(environment=release.to_environment)
+
+    owner = begin(release, status_from=ReleaseStatus.PROMOTED, status_to=ReleaseStatus.ROLLING_BACK)
+    actor_pk = user.pk if user is not None else None
+    dispatch(ROLLBACK, release.pk, owner, actor_pk)
+    release = wait_for(release, statuses=[ReleaseStatus.ROLLING_BACK], wait_seconds=wait_seconds)
+    if release.status == ReleaseStatus.PROMOTED and release.error_code and in_process():
+        raise Conflict(
+            release.error_message, code=release.error_code, details={"release_id": release.release_id}
+        )
+    return release
+
+
+def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None) -> None:
+    """The rollback itself (run by the Celery task): rollback SQL in reverse, data restored, flags back."""
+    release = release_for_task(release_pk)
+    if release is None or release.status != ReleaseStatus.ROLLING_BACK:
+        return
+    environment = release.to_environment
+    actor = actor_of(actor_pk)
+    if not lease_acquire_for_task(environment, release, owner):
+        return
+    started = time.monotonic()
+    try:
+        with target_session(environment, owner) as (target, locked):
+            if not locked:
+                raise engine.EngineError(
+                    "environment_busy", "Another session holds the target's release lock."
+                )
+            if history_has(target, release, "rollback"):
+                settle_rolled_back(release, actor=actor)
+                return
+            result = engine.rollback(
+                target,
+                release_pk=release.pk,
+                release_id=release.release_id,
+                bundle_sha256=release.bundle_sha256,
+                changes=approved_changes(release),
+                expected_native_after=release.native_fingerprint_after,
+                expected_fingerprint_before=release.fingerprint_before,
+                lock_timeout_ms=environment.apply_lock_timeout_ms,
+                lock_retries=environment.apply_lock_retries,
+                statement_timeout_ms=environment.apply_statement_timeout_ms,
+            )
+        metrics.observe("rollback", time.monotonic() - started, **metric_labels(release))
+        settle_rolled_back(release, actor=actor, preservations=result.preservations)
+        rebase_live_release(environment, result)
+    except (engine.EngineError, engine.TargetError) as exc:
+        settle_rollback_refused(
+            release, code=getattr(exc, "code", "rollback_failed"), message=str(exc), actor=actor
+        )
+    except Exception as exc:
+        logger.exception("rollback of %s failed unexpectedly", release.release_id)
+        settle_rollback_refused(
+            release, code="internal_error", message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
+        )
+    finally:
+        lease_release(environment, owner)
+
+
+def rebase_live_release(environment: Environment, result: Any) -> None:
+    """After a verified rollback, the release now live is the drift baseline again, as the catalog is now.
+
+    The rollback restores its portable schema, not the catalog byte for byte (a re-added column goes
+    last, a SQLite rebuild rewrites the table's SQL), so without this rolling that release back next
+    would be refused as drift. Only when the portable schema is exactly its after-state.
+    """
+    live = live_release(environment=environment)
+    if live is not None and live.fingerprint_after == result.fingerprint_after:
+        Release.objects.filter(pk=live.pk, status=ReleaseStatus.PROMOTED).update(
+            native_fingerprint_after=result.native_fingerprint_after
+        )
+
+
+@target_refusal()
+def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
+    """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
+    environment = release.to_environment
+    if release.native_fingerprint_before:
+        with engine.open_target(environment.database_url) as target:
+            current = engine.native_fingerprint(target)
+        if current != release.native_fingerprint_before:
+            raise Conflict(
+                "The target is not at the schema it had before this release; inspect it before settling.",
+                code="schema_drift",
+                details={"expected": release.native_fingerprint_before, "found": current},
+            )
+    settle_rolled_back(release, actor=user)
+    release.refresh_from_db()
+    return release
+
+
+def release_rollback_to(*, tenant: Tenant, release: Release, user: AbstractBaseUser) -> list[Release]:
+    """Roll back every release promoted on the environment after `release`, newest first, then it."""
+    newer = list(
+        Release.objects.filter(
+            tenant=tenant,
+            to_environment=release.to_environment,
+            status=ReleaseStatus.PROMOTED,
+            promoted_at__gte=release.promoted_at,
+        )
+        .exclude(pk=release.pk)
+        .order_by("-promoted_at", "-id")
+    )
+    done = []
+    for item in [*newer, release]:
+        result = release_rollback(release=item, user=user, wait_seconds=3600)
+        done.append(result)
+        if result.status != ReleaseStatus.ROLLED_BACK:
+            break
+    return done
