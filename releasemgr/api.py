@@ -10,66 +10,67 @@ from typing import Any
 import orjson
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404
-from rest_framework import exceptions, status
+from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.utils import encoders
 
+from releasemgr.core.errors import ApplicationError, ErrorCode, PayloadTooLarge, ValidationFailed
+
 logger = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """A refusal with an error code, an HTTP status and details, rendered in the envelope."""
+# The one table from error codes to HTTP statuses (docs/ARCHITECTURE.md). Services raise codes;
+# this edge alone decides what HTTP says about them. Every ErrorCode has a row (a test checks).
+STATUS_BY_CODE: dict[ErrorCode, int] = {
+    ErrorCode.VALIDATION_ERROR: 400,
+    ErrorCode.UNSUPPORTED_TABLE: 400,
+    ErrorCode.UNSAFE_MIGRATION: 422,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.NOT_ACCEPTABLE: 406,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.ENVIRONMENT_BUSY: 409,
+    ErrorCode.SCHEMA_DRIFT: 409,
+    ErrorCode.GATE: 409,
+    ErrorCode.APPROVALS_MISSING: 409,
+    ErrorCode.ROLLBACK_BLOCKED: 409,
+    ErrorCode.TARGET_REFUSED: 409,
+    ErrorCode.TARGET_UNREACHABLE: 503,
+    ErrorCode.LOCK_TIMEOUT: 503,
+    ErrorCode.BROKER_UNAVAILABLE: 503,
+    ErrorCode.JOB_UNAVAILABLE: 503,
+    ErrorCode.APPLY_FAILED: 422,
+    ErrorCode.POST_VALIDATION_FAILED: 422,
+    ErrorCode.BACKUP_FAILED: 503,
+    ErrorCode.DRY_RUN_FAILED: 422,
+    ErrorCode.WORKER_LOST: 503,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.TOOL_ERROR: 500,
+    ErrorCode.MISCONFIGURED: 500,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.ERROR: 400,
+    ErrorCode.LINK_INVALID: 400,
+    ErrorCode.LINK_FOREIGN: 400,
+    ErrorCode.LINK_STALE: 409,
+    ErrorCode.LINK_UNKNOWN: 404,
+    ErrorCode.LINK_USED: 410,
+    ErrorCode.LINK_EXPIRED: 410,
+    ErrorCode.LINK_INACTIVE: 403,
+    ErrorCode.LINK_OTHER_USER: 403,
+    ErrorCode.LINK_CLOSED: 409,
+}
 
-    code = "error"
-    status_code = status.HTTP_400_BAD_REQUEST
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        status_code: int | None = None,
-        details: Any = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        if status_code is not None:
-            self.status_code = status_code
-        self.details = details if details is not None else {}
-
-
-class ValidationFailed(ApiError):
-    code = "validation_error"
-    status_code = 400
-
-
-class NotFound(ApiError):
-    code = "not_found"
-    status_code = 404
-
-
-class Forbidden(ApiError):
-    code = "forbidden"
-    status_code = 403
-
-
-class Conflict(ApiError):
-    code = "conflict"
-    status_code = 409
-
-
-class PayloadTooLarge(ApiError):
-    code = "payload_too_large"
-    status_code = 413
-
-
-class UnsafeMigration(ApiError):
-    code = "unsafe_migration"
-    status_code = 422
+def status_for(code: ErrorCode) -> int:
+    """The HTTP status of an error code (the API's envelope and the approval-link pages use it)."""
+    return STATUS_BY_CODE[ErrorCode(code)]
 
 
 def success(data: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -81,31 +82,32 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 _DRF_CODES = {
-    exceptions.NotAuthenticated: ("unauthorized", 401),
-    exceptions.AuthenticationFailed: ("unauthorized", 401),
-    exceptions.PermissionDenied: ("forbidden", 403),
-    exceptions.NotFound: ("not_found", 404),
-    exceptions.MethodNotAllowed: ("method_not_allowed", 405),
-    exceptions.NotAcceptable: ("not_acceptable", 406),
-    exceptions.UnsupportedMediaType: ("unsupported_media_type", 415),
-    exceptions.Throttled: ("rate_limited", 429),
-    exceptions.ParseError: ("validation_error", 400),
-    exceptions.ValidationError: ("validation_error", 400),
+    exceptions.NotAuthenticated: ErrorCode.UNAUTHORIZED,
+    exceptions.AuthenticationFailed: ErrorCode.UNAUTHORIZED,
+    exceptions.PermissionDenied: ErrorCode.FORBIDDEN,
+    exceptions.NotFound: ErrorCode.NOT_FOUND,
+    exceptions.MethodNotAllowed: ErrorCode.METHOD_NOT_ALLOWED,
+    exceptions.NotAcceptable: ErrorCode.NOT_ACCEPTABLE,
+    exceptions.UnsupportedMediaType: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    exceptions.Throttled: ErrorCode.RATE_LIMITED,
+    exceptions.ParseError: ErrorCode.VALIDATION_ERROR,
+    exceptions.ValidationError: ErrorCode.VALIDATION_ERROR,
 }
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Render every refusal in the envelope; unexpected errors become a 500 without a traceback."""
-    if isinstance(exc, ApiError):
-        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+    if isinstance(exc, ApplicationError):
+        return Response(error_body(exc.code, exc.message, exc.details), status=status_for(exc.code))
     if isinstance(exc, Http404):
-        return Response(error_body("not_found", "Not found."), status=404)
+        return _refusal(ErrorCode.NOT_FOUND, "Not found.")
     if isinstance(exc, PermissionDenied):
-        return Response(error_body("forbidden", "You do not have permission to do this."), status=403)
+        return _refusal(ErrorCode.FORBIDDEN, "You do not have permission to do this.")
     if isinstance(exc, RequestDataTooBig):
-        return Response(error_body("payload_too_large", "The request body is too large."), status=413)
-    for exc_class, (code, status_code) in _DRF_CODES.items():
+        return _refusal(ErrorCode.PAYLOAD_TOO_LARGE, "The request body is too large.")
+    for exc_class, code in _DRF_CODES.items():
         if isinstance(exc, exc_class):
+            status_code = status_for(code)
             headers = {}
             if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
                 headers["Retry-After"] = str(exc.wait)  # whole seconds: DRF rounds the wait up
@@ -115,9 +117,13 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             message = _message(exc)
             return Response(error_body(code, message, detail), status=status_code, headers=headers)
     if isinstance(exc, exceptions.APIException):
-        return Response(error_body("error", _message(exc)), status=exc.status_code)
+        return Response(error_body(ErrorCode.ERROR, _message(exc)), status=exc.status_code)
     logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
-    return Response(error_body("internal_error", "An internal error occurred."), status=500)
+    return _refusal(ErrorCode.INTERNAL_ERROR, "An internal error occurred.")
+
+
+def _refusal(code: ErrorCode, message: str) -> Response:
+    return Response(error_body(code, message), status=status_for(code))
 
 
 def _message(exc: exceptions.APIException) -> str:
@@ -208,12 +214,12 @@ class AnyContentJSONParser(LimitedJSONParser):
     media_type = "*/*"
 
 
-def _api_or_html(request, code: str, message: str, status_code: int, html_view, exception):
+def _api_or_html(request, code: ErrorCode, message: str, html_view, exception):
     """Django's own error pages, except under /api/, which answers in the envelope like every API error."""
     if request.path.startswith("/api/"):
         from django.http import JsonResponse
 
-        return JsonResponse(error_body(code, message), status=status_code)
+        return JsonResponse(error_body(code, message), status=status_for(code))
     return html_view(request, exception)
 
 
@@ -221,7 +227,9 @@ def not_found(request, exception=None):
     """handler404: a path under /api/ that matches no route answers in the envelope."""
     from django.views.defaults import page_not_found
 
-    return _api_or_html(request, "not_found", "No API endpoint at this path.", 404, page_not_found, exception)
+    return _api_or_html(
+        request, ErrorCode.NOT_FOUND, "No API endpoint at this path.", page_not_found, exception
+    )
 
 
 def bad_request(request, exception=None):
@@ -229,7 +237,7 @@ def bad_request(request, exception=None):
     from django.views.defaults import bad_request as html_bad_request
 
     return _api_or_html(
-        request, "validation_error", "The request is malformed.", 400, html_bad_request, exception
+        request, ErrorCode.VALIDATION_ERROR, "The request is malformed.", html_bad_request, exception
     )
 
 

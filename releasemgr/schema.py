@@ -18,6 +18,9 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
+from releasemgr.api import STATUS_BY_CODE
+from releasemgr.core.errors import ErrorCode
+
 TENANT_HEADER = OpenApiParameter(
     name="X-Tenant-Slug",
     type=OpenApiTypes.STR,
@@ -35,25 +38,40 @@ RELEASE_ID_PATH = OpenApiParameter(
     description="The release id, e.g. rel_20240115_1200 (unique per tenant).",
 )
 
-# What each HTTP status of the error envelope means, with the codes it carries.
+# What each HTTP status of the error envelope means; the codes it carries come from the API's one
+# code -> status table (releasemgr.api.STATUS_BY_CODE), so the schema cannot disagree with the handler.
+_STATUS_MEANINGS = {
+    400: "the request or bundle is not valid (field errors in `details`); also a missing X-Tenant-Slug header.",
+    401: "no token, or the token is invalid, expired or revoked.",
+    403: "the token belongs to another tenant, or the role is too low.",
+    404: "no such release (or environment) in this tenant.",
+    409: "the release's or target's state does not allow it now (the prod gate puts both fingerprints in "
+    "`details`).",
+    413: "the body is over the limit (1 MiB by default).",
+    422: "lint errors not overridden by `allow_unsafe` (rules in `details.rules`), or work that ran and failed.",
+    429: "too many requests; see the Retry-After header.",
+    503: "the target database or the task broker cannot be used now (the message says why, without URL, user, "
+    "password or host); retry later.",
+}
 ERROR_DESCRIPTIONS = {
-    400: "`validation_error` (field errors in `details`), or a planning error such as `unsupported_table`; "
-    "also a missing X-Tenant-Slug header.",
-    401: "`unauthorized`: no token, or the token is invalid, expired or revoked.",
-    403: "`forbidden`: the token belongs to another tenant, or the role is too low.",
-    404: "`not_found`: no such release (or environment) in this tenant.",
-    409: "`conflict`, `environment_busy`, `schema_drift`, `gate` (prod gate, both fingerprints in `details`), "
-    "`approvals_missing`, `rollback_blocked`.",
-    413: "`payload_too_large`: the body is over the limit (1 MiB by default).",
-    422: "`unsafe_migration`: lint errors not overridden by `allow_unsafe` (rules in `details.rules`).",
-    429: "`rate_limited`: too many requests; see the Retry-After header.",
-    503: "`target_unreachable` or `lock_timeout`: the target database cannot be opened now (the message says "
-    "why, without URL, user, password or host); retry later.",
+    status: "Codes: "
+    + ", ".join(
+        f"`{code}`"
+        for code, code_status in STATUS_BY_CODE.items()
+        if code_status == status and not code.name.startswith("LINK_")  # approval-link pages only
+    )
+    + ". "
+    + meaning[0].upper()
+    + meaning[1:]
+    for status, meaning in _STATUS_MEANINGS.items()
 }
 
 
 class ErrorDetail(serializers.Serializer):
-    code = serializers.CharField(help_text="A stable machine-readable code, e.g. validation_error, gate.")
+    code = serializers.ChoiceField(
+        choices=[(code.value, code.name) for code in ErrorCode],
+        help_text="A stable machine-readable code (releasemgr.core.errors.ErrorCode), e.g. validation_error, gate.",
+    )
     message = serializers.CharField(help_text="A human-readable explanation.")
     details = serializers.JSONField(help_text="Field errors or facts about the refusal; {} when none.")
 

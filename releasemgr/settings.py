@@ -237,6 +237,7 @@ SPECTACULAR_SETTINGS = {
         "ReleaseStatusEnum": "releases.models.ReleaseStatus",
         "RunEnvironmentEnum": ["development", "staging", "production"],
         "HealthStatusEnum": ["ok", "degraded", "unavailable"],
+        "ErrorCodeEnum": "releasemgr.core.errors.ErrorCode",
     },
 }
 

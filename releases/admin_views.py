@@ -1,7 +1,7 @@
 """Admin views for releases: confirmation pages of the four operations and the pipeline view.
 
 Every operation calls the release services (the same code path as the API); a refusal
-(`ApiError`) becomes an error message. Role checks happen here before the service is called:
+(`ApplicationError`) becomes an error message. Role checks happen here before the service is called:
 `approver` for approve/reject, `admin` for promote/rollback, superusers for everything.
 """
 
@@ -18,12 +18,12 @@ from django.db.models import Prefetch
 from django.http import HttpRequest
 from django.urls import reverse
 
-from releasemgr.api import ApiError
+from releasemgr.core.errors import ApplicationError
 from tenants.admin import has_tenant_role
 from tenants.models import PIPELINE, Environment, Role, Tenant
 from tenants.selectors import flags_of
 
-from . import engine
+from . import selectors
 from .models import Approval, Release, ReleaseStatus
 from .selectors import live_release
 from .services import approval_record, approvals_missing, release_promote, release_rollback, unsafe_rules
@@ -180,7 +180,7 @@ def operation_run(request: HttpRequest, release: Release, operation: Operation, 
             result = release_promote(release=release, user=request.user, wait_seconds=ADMIN_WAIT_SECONDS)
         else:
             result = release_rollback(release=release, user=request.user, wait_seconds=ADMIN_WAIT_SECONDS)
-    except ApiError as exc:
+    except ApplicationError as exc:
         messages.error(request, f"{name}: {exc.message}")
         return False
     return _report(request, result, operation)
@@ -214,14 +214,8 @@ def _report(request: HttpRequest, release: Release, operation: Operation) -> boo
 
 def schema_fingerprint(environment: Environment) -> dict[str, str]:
     """The target's current portable fingerprint, or "unreachable" with a scrubbed reason."""
-    try:
-        with engine.open_target(environment.database_url) as target:
-            return {"fingerprint": engine.fingerprint(engine.introspect(target)), "error": ""}
-    except engine.TargetError as exc:
-        return {"fingerprint": "", "error": str(exc) or "unreachable"}
-    except Exception:  # a broken URL or key must not take the whole page down
-        logger.warning("fingerprint of %s failed", environment, exc_info=True)
-        return {"fingerprint": "", "error": "could not be read"}
+    target = selectors.environment_fingerprint(environment=environment)
+    return {"fingerprint": target.fingerprint or "", "error": target.error}
 
 
 def flag_differences(left: dict[str, Any], right: dict[str, Any]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from django.core import signing
 from django.urls import reverse
 from django.utils import timezone
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from tenants.models import Role
 from tenants.selectors import members_with_role
 
@@ -35,14 +36,11 @@ from .models import ApprovalLink, Release, ReleaseStatus
 SALT = "releasemgr.releases.approval-link"
 
 
-class LinkError(Exception):
-    """A link that cannot be used, with the page's HTTP status and a short reason code."""
+class LinkError(ApplicationError):
+    """A link that cannot be used; its code says why (the page's HTTP status comes from the code)."""
 
-    def __init__(self, code: str, message: str, status: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message, code=code)
 
 
 @dataclass(frozen=True)
@@ -97,45 +95,52 @@ def approval_link_resolve(
     try:
         payload = signing.loads(token, salt=SALT, max_age=max_age_seconds())
     except signing.SignatureExpired:
-        raise LinkError("expired", "This approval link has expired. Ask for a new one or use the admin.", 410)
+        raise LinkError(
+            ErrorCode.LINK_EXPIRED, "This approval link has expired. Ask for a new one or use the admin."
+        )
     except signing.BadSignature:
-        raise LinkError("invalid", "This approval link is not valid: it was altered or cut short.", 400)
+        raise LinkError(
+            ErrorCode.LINK_INVALID, "This approval link is not valid: it was altered or cut short."
+        )
     if not isinstance(payload, dict) or not {"r", "u", "b", "n"} <= payload.keys():
-        raise LinkError("invalid", "This approval link is not valid.", 400)
+        raise LinkError(ErrorCode.LINK_INVALID, "This approval link is not valid.")
     if payload["r"] != release_pk:
-        raise LinkError("foreign", "This approval link belongs to another release.", 400)
+        raise LinkError(ErrorCode.LINK_FOREIGN, "This approval link belongs to another release.")
     link = (
         ApprovalLink.objects.select_related("release__tenant", "release__to_environment", "approver")
         .filter(nonce=str(payload["n"]))
         .first()
     )
     if link is None or link.release_id != payload["r"] or link.approver_id != payload["u"]:
-        raise LinkError("unknown", "This approval link is not known (it may have been withdrawn).", 404)
+        raise LinkError(
+            ErrorCode.LINK_UNKNOWN, "This approval link is not known (it may have been withdrawn)."
+        )
     release = link.release
     if payload["b"] != link.bundle_sha256 or link.bundle_sha256 != release.bundle_sha256:
         raise LinkError(
-            "foreign",
+            ErrorCode.LINK_STALE,
             "This approval link was issued for a different bundle than the release has now.",
-            409,
         )
     if link.used_at is not None:
-        raise LinkError("used", "This approval link has already been used; each link decides once.", 410)
+        raise LinkError(
+            ErrorCode.LINK_USED, "This approval link has already been used; each link decides once."
+        )
     if link.expires_at <= timezone.now():
-        raise LinkError("expired", "This approval link has expired. Ask for a new one or use the admin.", 410)
+        raise LinkError(
+            ErrorCode.LINK_EXPIRED, "This approval link has expired. Ask for a new one or use the admin."
+        )
     approver = link.approver
     if not approver.is_active:
-        raise LinkError("inactive", "The account this link was sent to is disabled.", 403)
+        raise LinkError(ErrorCode.LINK_INACTIVE, "The account this link was sent to is disabled.")
     if user is not None and user.is_authenticated and user.pk != approver.pk:
         raise LinkError(
-            "other_user",
+            ErrorCode.LINK_OTHER_USER,
             "This approval link was sent to another user. Log out, or use your own link.",
-            403,
         )
     if release.status != ReleaseStatus.PREPARED:
         raise LinkError(
-            "closed",
+            ErrorCode.LINK_CLOSED,
             f"Release {release.release_id} is {release.status}; it can no longer be approved or rejected.",
-            409,
         )
     return ResolvedLink(link=link, release=release, approver=approver, token=token)
 

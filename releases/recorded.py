@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from releasemgr.core.errors import ErrorCode
+
 from . import engine
 from .models import Release
 
@@ -33,7 +35,7 @@ def approved_changes(release: Release) -> list[dict]:
     changes = recorded_changes(release)
     if engine.statements_sha256(changes) != release.sql_sha256:
         raise engine.EngineError(
-            "schema_drift",
+            ErrorCode.SCHEMA_DRIFT,
             "the recorded statements differ from the ones prepared and approved (sql_sha256); nothing was run",
         )
     return changes

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import functools
+import logging
+from dataclasses import dataclass
 
 import orjson
 from django.core.cache import cache
 from django.db import connection
 from django.db.models import Prefetch, QuerySet
 
-from releasemgr.api import NotFound, ValidationFailed
+from releasemgr.core.errors import NotFound, ValidationFailed
 from tenants.models import Environment, Stage, Tenant
 
+from . import engine
 from .models import Approval, ApprovalDecision, Release, ReleaseStatus
+
+logger = logging.getLogger(__name__)
 
 
 def release_get(*, tenant: Tenant, release_id: str) -> Release:
@@ -306,3 +311,26 @@ def approval_counts(release: Release) -> dict[str, int]:
         "approved": sum(1 for a in valid if a.decision == ApprovalDecision.APPROVED),
         "rejected": sum(1 for a in valid if a.decision == ApprovalDecision.REJECTED),
     }
+
+
+@dataclass(frozen=True)
+class TargetFingerprint:
+    """An environment's target as read now: its portable schema fingerprint, or why it could not be read."""
+
+    fingerprint: str | None
+    reachable: bool
+    error: str = ""
+
+
+def environment_fingerprint(*, environment: Environment) -> TargetFingerprint:
+    """The target's current portable schema fingerprint (what the API's environment list and the
+    admin's pipeline show). An unreachable target gives `reachable=False` with the engine's scrubbed
+    reason; a URL or key that cannot even be read gives "could not be read" (logged), never an error."""
+    try:
+        with engine.open_target(environment.database_url) as target:
+            return TargetFingerprint(fingerprint=engine.fingerprint(engine.introspect(target)), reachable=True)
+    except engine.TargetError as exc:
+        return TargetFingerprint(fingerprint=None, reachable=False, error=str(exc) or "unreachable")
+    except Exception:  # a broken URL or key must not take a whole page or list down
+        logger.warning("fingerprint of %s failed", environment, exc_info=True)
+        return TargetFingerprint(fingerprint=None, reachable=False, error="could not be read")

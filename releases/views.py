@@ -15,7 +15,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_http_methods
 
-from releasemgr.api import ApiError
+from releasemgr.api import status_for
+from releasemgr.core.errors import ApplicationError, ErrorCode
 
 from . import links, services
 from .models import ApprovalDecision, Release
@@ -37,7 +38,8 @@ def _page(request: HttpRequest, template: str, context: dict, status: int = 200)
     return response
 
 
-def _refused(request: HttpRequest, *, code: str, message: str, status: int) -> HttpResponse:
+def _refused(request: HttpRequest, *, code: ErrorCode, message: str) -> HttpResponse:
+    status = status_for(code)
     response = _page(
         request, "approvals/link_refused.html", {"code": code, "message": message}, status=status
     )
@@ -81,23 +83,23 @@ def approval_link(request: HttpRequest, release_pk: int, token: str) -> HttpResp
         try:
             resolved = links.approval_link_resolve(release_pk=release_pk, token=token, user=user)
         except links.LinkError as exc:
-            return _refused(request, code=exc.code, message=exc.message, status=exc.status)
+            return _refused(request, code=exc.code, message=exc.message)
         return _page(request, "approvals/confirm.html", _release_context(resolved.release, resolved.approver))
 
     decision = request.POST.get("decision", "")
     if decision not in ApprovalDecision.values:
         return _refused(
-            request, code="bad_request", message="Choose Approve or Reject on the page.", status=400
+            request,
+            code=ErrorCode.VALIDATION_ERROR,
+            message="Choose Approve or Reject on the page.",
         )
     comment = request.POST.get("comment", "")[:MAX_COMMENT]
     try:
         approval = services.approval_link_decide(
             release_pk=release_pk, token=token, decision=decision, comment=comment, user=user
         )
-    except links.LinkError as exc:
-        return _refused(request, code=exc.code, message=exc.message, status=exc.status)
-    except ApiError as exc:  # the approval service refused: nothing decided, the link stays unused
-        return _refused(request, code=exc.code, message=exc.message, status=exc.status_code)
+    except ApplicationError as exc:  # the link or the approval service refused: nothing decided
+        return _refused(request, code=exc.code, message=exc.message)
     release = Release.objects.select_related("tenant", "to_environment").get(pk=approval.release_id)
     counts = approval_counts(release)
     return _page(

@@ -7,7 +7,7 @@ from datetime import timedelta
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
-from releasemgr.api import Forbidden, ValidationFailed
+from releasemgr.core.errors import Forbidden, ValidationFailed
 
 from .models import ApiToken, Membership, Role
 

@@ -7,7 +7,7 @@ import os
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
-from releasemgr.api import NotFound, ValidationFailed
+from releasemgr.core.errors import NotFound, ValidationFailed
 
 from .models import Environment, Membership, Role, Stage, Tenant
 

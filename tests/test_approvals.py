@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
-from releasemgr.api import Conflict, Forbidden
+from releasemgr.core.errors import Conflict, Forbidden
 from releases import engine, services
 from releases.models import Approval, ApprovalDecision, AuditEvent, Release, ReleaseStatus
 from tenants.models import Environment, Role

@@ -235,7 +235,7 @@ def test_apply__twice__second_refused_as_drift(database_factory):
     assert snapshot(url) == after
 
 
-def test_apply__wrong_expected_fingerprint__validation_failed_and_rolled_back(database_factory):
+def test_apply__wrong_expected_fingerprint__post_validation_failed_and_rolled_back(database_factory):
     url = database_factory()
     seed(url, 3)
     before = snapshot(url)
@@ -246,7 +246,7 @@ def test_apply__wrong_expected_fingerprint__validation_failed_and_rolled_back(da
     )
     with pytest.raises(EngineError) as info:
         release.apply(expected_fingerprint_after="0" * 64)
-    assert info.value.code == "validation_failed"
+    assert info.value.code == "post_validation_failed"
     assert snapshot(url) == before
 
 

@@ -10,7 +10,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from releasemgr.api import ApiError, Forbidden, NotFound, ValidationFailed, success
+from releasemgr.api import success
+from releasemgr.core.errors import ApplicationError, ErrorCode, ValidationFailed
 from releasemgr.idempotency import idempotent
 from releasemgr.schema import error_responses
 from releasemgr.throttling import TenantScopedRateThrottle
@@ -24,12 +25,11 @@ from .redaction import jsonable
 from .registry import flatten_errors
 
 # Tool-level failures that are refusals of the call itself, rendered as the API's error envelope.
-REFUSAL_STATUS = {
-    "validation_error": (ValidationFailed, None),
-    "unsupported_table": (ValidationFailed, "unsupported_table"),
-    "forbidden": (Forbidden, None),
-    "not_found": (NotFound, None),
-}
+# The call itself was refused (not run): raised so the API answers with the code's status. Any other
+# failure is the tool's own result, answered 200 with ok false.
+REFUSALS = frozenset(
+    {ErrorCode.VALIDATION_ERROR, ErrorCode.UNSUPPORTED_TABLE, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND}
+)
 
 
 class ToolExecuteInput(serializers.Serializer):
@@ -162,15 +162,13 @@ class ToolExecuteView(APIView):
 
 
 def _raise_for_refusal(result: ToolResult) -> None:
-    if result.ok or result.error_code not in REFUSAL_STATUS:
+    if result.ok or result.error_code not in REFUSALS:
         return
-    error_class, code = REFUSAL_STATUS[result.error_code]
     details: dict[str, Any] = {}
     for path, messages in (result.details or {}).items():
         key = path if path in ("tool", "environment", "release") else f"args.{path}"
         details[key] = messages
     details["transcript_id"] = result.transcript_id
-    error: ApiError = error_class(result.error or "The call was refused.", details=details)
-    if code:
-        error.code = code
-    raise error
+    raise ApplicationError(
+        result.error or "The call was refused.", code=ErrorCode(result.error_code), details=details
+    )

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 
-class ToolFailure(Exception):
+
+class ToolFailure(ApplicationError):
     """A clean failure of a tool call: `message` is safe to show, `code` classifies it."""
 
-    code = "tool_error"
+    code = ErrorCode.TOOL_ERROR
 
     def __init__(
         self,
         message: str,
         *,
-        code: str | None = None,
+        code: ErrorCode | None = None,
         details: dict[str, Any] | None = None,
         data: Any = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.details = details or {}
+        super().__init__(message, code=code, details=details or {})
         # What the handler found before failing (e.g. a failed dry-run's SQL and errors).
         self.data = data
 
@@ -30,16 +28,16 @@ class ToolFailure(Exception):
 class ToolValidationError(ToolFailure):
     """The call's arguments are wrong; `details` maps field paths to messages."""
 
-    code = "validation_error"
+    code = ErrorCode.VALIDATION_ERROR
 
 
 class ToolRefused(ToolFailure):
     """The caller may not make this call (role, tenant, or an apply outside the release executor)."""
 
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
 
 
 class ToolNotFound(ToolFailure):
     """The call names a release or environment the tenant does not have."""
 
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND

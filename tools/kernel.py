@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from releasemgr.core.errors import ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Membership
 
@@ -113,7 +114,7 @@ class ToolKernel:
             data = exc.data
         except Exception as exc:  # a handler bug or an outside failure: recorded, never raised
             error = scrub(f"{type(exc).__name__}: {exc}", _secrets(ctx))
-            error_code = "tool_error"
+            error_code = ErrorCode.TOOL_ERROR
             logger.warning("tool %s call %s failed: %s", call.tool, call_id, error)
         ok = error is None
         duration_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -10,14 +10,15 @@ from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 from rest_framework.views import APIView
 
-from releasemgr.api import ValidationFailed, success
+from releasemgr.api import success
+from releasemgr.core.errors import ValidationFailed
 from releasemgr.idempotency import idempotent
 from releasemgr.schema import RELEASE_ID_PATH, envelope, error_responses
 from releasemgr.throttling import TenantScopedRateThrottle
 from tenants.auth import IsTenantAdmin, IsTenantApprover, IsTenantMember
 from tenants.selectors import environment_list, flags_of
 
-from .. import engine, selectors, services
+from .. import selectors, services
 from ..models import ApprovalDecision, ReleaseStatus
 from .serializers import (
     DecisionInput,
@@ -325,12 +326,10 @@ class EnvironmentListView(APIView):
                 "allow_self_approval": environment.allow_self_approval,
                 "busy": bool(environment.lock_owner),
             }
-            try:
-                with engine.open_target(environment.database_url) as target:
-                    entry["schema_fingerprint"] = engine.fingerprint(engine.introspect(target))
-                    entry["reachable"] = True
-            except engine.TargetError as exc:
-                entry["reachable"] = False
-                entry["error"] = str(exc)
+            target = selectors.environment_fingerprint(environment=environment)
+            entry["schema_fingerprint"] = target.fingerprint
+            entry["reachable"] = target.reachable
+            if not target.reachable:
+                entry["error"] = target.error
             results.append(entry)
         return success(results)

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import environ
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from releasemgr.core.scrub import scrub
 
 PG_DUMP_FORMAT = "pg_dump-custom"
@@ -46,16 +47,10 @@ _LIBPQ_OPTION_VARIABLES = {
 }
 
 
-class BackupError(RuntimeError):
+class BackupError(ApplicationError, RuntimeError):
     """The backup could not be taken or verified; the message is scrubbed of hosts, users, passwords."""
 
-    code = "backup_failed"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+    code = ErrorCode.BACKUP_FAILED
 
 
 @dataclass(frozen=True)
@@ -289,7 +284,7 @@ def _backup_postgresql(
                 raise BackupError(
                     f"pg_dump could not lock a table within {lock_wait_timeout_ms} ms (another session holds "
                     f"a conflicting lock); retry later. {exc.message}",
-                    code="lock_timeout",
+                    code=ErrorCode.LOCK_TIMEOUT,
                 ) from None
             raise
         os.chmod(partial, 0o600)

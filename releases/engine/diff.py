@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
+
 from .bundle import COLUMN_TYPES
 
 VOCABULARY_TYPES = frozenset(COLUMN_TYPES)
@@ -36,12 +38,13 @@ _COLUMN_DEFAULTS: dict[str, Any] = {
 _IGNORED_PREFIXES = ("_rm_", "sqlite_")
 
 
-class DiffError(ValueError):
+class DiffError(ApplicationError, ValueError):
     """A difference that cannot be expressed as normalized changes; `column` names the culprit."""
+
+    code = ErrorCode.VALIDATION_ERROR
 
     def __init__(self, message: str, *, column: str = "") -> None:
         super().__init__(message)
-        self.message = message
         self.column = column
 
 

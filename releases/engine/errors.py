@@ -1,47 +1,45 @@
-"""Errors raised by the migration engine; every message is safe to show (scrubbed of secrets)."""
+"""Errors raised by the migration engine; every message is safe to show (scrubbed of secrets).
+
+All are `releasemgr.core.errors.ApplicationError`s: they carry an `ErrorCode` and no HTTP status.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 
-class BundleError(ValueError):
+
+class BundleError(ApplicationError, ValueError):
     """The bundle is not valid; `details` maps field paths to messages."""
 
+    code = ErrorCode.VALIDATION_ERROR
+
     def __init__(self, message: str, details: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details: dict[str, str] = dict(details or {})
+        super().__init__(message, details=dict(details or {}))
 
 
-class TargetError(RuntimeError):
+class TargetError(ApplicationError, RuntimeError):
     """The target database cannot be opened or reached (message scrubbed)."""
 
-    code = "target_unreachable"
+    code = ErrorCode.TARGET_UNREACHABLE
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.message = message
 
 
-class PlanError(ValueError):
+class PlanError(ApplicationError, ValueError):
     """The changes cannot be planned against this schema (`validation_error` or `unsupported_table`)."""
 
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details: dict[str, Any] = dict(details or {})
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, details=dict(details or {}))
 
 
-class EngineError(RuntimeError):
+class EngineError(ApplicationError, RuntimeError):
     """Applying or rolling back failed; the target is unchanged unless the code says otherwise."""
 
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details: dict[str, Any] = dict(details or {})
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, details=dict(details or {}))
 
 
 class TargetLockedError(EngineError, TargetError):
@@ -51,13 +49,10 @@ class TargetLockedError(EngineError, TargetError):
     errors, promote and rollback engine errors) report it without a special case.
     """
 
-    code = "lock_timeout"
+    code = ErrorCode.LOCK_TIMEOUT
 
     def __init__(self, message: str) -> None:
-        RuntimeError.__init__(self, message)
-        self.code = "lock_timeout"
-        self.message = message
-        self.details = {}
+        ApplicationError.__init__(self, message, code=ErrorCode.LOCK_TIMEOUT)
 
 
 def is_lock_error(vendor: str, exc: BaseException) -> bool:

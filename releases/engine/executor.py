@@ -21,6 +21,8 @@ from typing import Any
 
 from django.db.utils import DataError, IntegrityError
 
+from releasemgr.core.errors import ErrorCode
+
 from .errors import EngineError, TargetError, TargetLockedError, is_lock_error
 from .operations import preservations_for, quote
 from .planner import begin, rollback_transaction, run_statements
@@ -168,14 +170,14 @@ def _run(
         except _DriftError:
             rollback_transaction(target)
             raise EngineError(
-                "schema_drift",
+                ErrorCode.SCHEMA_DRIFT,
                 "the target's schema changed since the release was planned (native fingerprint differs); "
                 "nothing was run",
             ) from None
         except _PostValidationError:
             rollback_transaction(target)
             raise EngineError(
-                "validation_failed",
+                ErrorCode.POST_VALIDATION_FAILED,
                 f"after the {direction} the schema fingerprint is not the expected one; rolled back, target unchanged",
             ) from None
         except Exception as exc:  # noqa: BLE001 - every failure rolls back and becomes an EngineError
@@ -186,24 +188,27 @@ def _run(
                     time.sleep(min(0.05 * attempts, 0.5))
                     continue
                 raise EngineError(
-                    "lock_timeout",
+                    ErrorCode.LOCK_TIMEOUT,
                     f"could not take the locks within {lock_timeout_ms} ms ({attempts} attempts); "
                     "target unchanged",
                 ) from None
             if _is_statement_timeout(target, exc):
                 raise EngineError(
-                    "apply_failed", f"a statement ran longer than {statement_timeout_ms} ms; target unchanged"
+                    ErrorCode.APPLY_FAILED,
+                    f"a statement ran longer than {statement_timeout_ms} ms; target unchanged",
                 ) from None
             if direction == "rollback" and isinstance(exc, (IntegrityError, DataError)):
                 raise EngineError(
-                    "rollback_blocked",
+                    ErrorCode.ROLLBACK_BLOCKED,
                     "the rollback cannot restore the data: rows written since the release violate the old "
                     f"definition (NOT NULL without a default, a narrower type, a unique key): {message}; "
                     "target unchanged",
                 ) from None
             if isinstance(exc, EngineError):
                 raise
-            raise EngineError("apply_failed", f"{direction} failed and was rolled back: {message}") from None
+            raise EngineError(
+                ErrorCode.APPLY_FAILED, f"{direction} failed and was rolled back: {message}"
+            ) from None
 
 
 def _preservations(target: Target, changes: list[Any], release_id: str, direction: str) -> list[dict]:
@@ -276,7 +281,7 @@ def rollback(
         missing = [name for name in needed if not _table_exists(target, name)]
     if missing:
         raise EngineError(
-            "rollback_blocked",
+            ErrorCode.ROLLBACK_BLOCKED,
             f"the preserved data this rollback restores was purged ({', '.join(missing)}); nothing was run",
         )
     return _execute(
@@ -418,7 +423,7 @@ def purge_preserved(target: Target, table_names: list[str]) -> int:
             or not re.fullmatch(r"_rm_[a-z0-9_]{1,59}", name)
             or name == HISTORY_TABLE
         ):
-            raise EngineError("validation_failed", f"'{name}' is not a preserved table name")
+            raise EngineError(ErrorCode.VALIDATION_ERROR, f"'{name}' is not a preserved table name")
         with target.lock_errors("purging preserved data"):
             if _table_exists(target, name):
                 with target.connection.cursor() as cursor:

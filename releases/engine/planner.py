@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from releasemgr.core.errors import ErrorCode
+
 from .bundle import merge_column, sha256_hex, validate_merged_column
 from .errors import PlanError
 from .operations import ChangeRunner, Recorder, preservation_key, quote
@@ -59,7 +61,7 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
 
     if change_type == "create_table":
         if table in tables:
-            raise _fail("validation_error", f"{path}.table", f"table '{table}' already exists")
+            raise _fail(ErrorCode.VALIDATION_ERROR, f"{path}.table", f"table '{table}' already exists")
         tables[table] = {
             "columns": {column["name"]: _portable(column) for column in change["columns"]},
             "column_order": [column["name"] for column in change["columns"]],
@@ -81,7 +83,7 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
     source = change.get("from") if change_type == "rename_table" else table
     if source not in tables:
         raise _fail(
-            "validation_error",
+            ErrorCode.VALIDATION_ERROR,
             f"{path}.{'from' if change_type == 'rename_table' else 'table'}",
             f"table '{source}' does not exist",
         )
@@ -96,7 +98,7 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
     if change_type == "drop_table":
         if blockers and vendor == "postgresql":
             raise _fail(
-                "unsupported_table",
+                ErrorCode.UNSUPPORTED_TABLE,
                 f"{path}.table",
                 f"dropping '{table}' cannot be rolled back exactly (it has {', '.join(blockers)})",
             )
@@ -106,7 +108,7 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
     if change_type == "rename_table":
         target_name = change["to"]
         if target_name in tables:
-            raise _fail("validation_error", f"{path}.to", f"table '{target_name}' already exists")
+            raise _fail(ErrorCode.VALIDATION_ERROR, f"{path}.to", f"table '{target_name}' already exists")
         tables[target_name] = tables.pop(source)
         if source in native_all:
             native_all[target_name] = native_all.pop(source)
@@ -123,7 +125,9 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
             pass  # reported below as a validation error
         elif _sqlite_rebuilds(change, schema):
             raise _fail(
-                "unsupported_table", f"{path}.table", SQLITE_REBUILD_NOTE.format(blockers=", ".join(blockers))
+                ErrorCode.UNSUPPORTED_TABLE,
+                f"{path}.table",
+                SQLITE_REBUILD_NOTE.format(blockers=", ".join(blockers)),
             )
     order = entry.setdefault("column_order", list(columns))
 
@@ -131,13 +135,13 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
         column = change["column"]
         if column["name"] in columns:
             raise _fail(
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"{path}.column.name",
                 f"column '{column['name']}' already exists in '{table}'",
             )
         if column["primary_key"]:
             raise _fail(
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"{path}.column.primary_key",
                 "cannot add a primary key to an existing table",
             )
@@ -146,22 +150,28 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
     elif change_type == "drop_column":
         name = change["column"]
         if name not in columns:
-            raise _fail("validation_error", f"{path}.column", f"column '{name}' does not exist in '{table}'")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.column", f"column '{name}' does not exist in '{table}'"
+            )
         if columns[name].get("primary_key"):
-            raise _fail("validation_error", f"{path}.column", f"'{name}' is the primary key of '{table}'")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.column", f"'{name}' is the primary key of '{table}'"
+            )
         if len(columns) == 1:
-            raise _fail("validation_error", f"{path}.column", f"'{name}' is the only column of '{table}'")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.column", f"'{name}' is the only column of '{table}'"
+            )
         lost = (native.get("column_objects") or {}).get(name)
         if lost:
             raise _fail(
-                "unsupported_table",
+                ErrorCode.UNSUPPORTED_TABLE,
                 f"{path}.column",
                 f"dropping '{table}.{name}' would also drop {', '.join(lost)}, which the rollback cannot "
                 "restore; drop or change those first",
             )
         if preservation_key(list(columns.items()), exclude=name) is None:
             raise _fail(
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"{path}.column",
                 f"drop_column needs a single-column primary key or a non-null unique key on '{table}' "
                 "so the values can be restored on rollback",
@@ -173,39 +183,49 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
         name = modification["name"]
         if name not in columns:
             raise _fail(
-                "validation_error", f"{path}.column.name", f"column '{name}' does not exist in '{table}'"
+                ErrorCode.VALIDATION_ERROR,
+                f"{path}.column.name",
+                f"column '{name}' does not exist in '{table}'",
             )
         current = dict(columns[name])
         merged = merge_column(current, modification)
         errors = validate_merged_column(merged, f"{path}.column")
         if errors:
             first = next(iter(errors.items()))
-            raise PlanError("validation_error", f"{first[0]}: {first[1]}", errors)
+            raise PlanError(ErrorCode.VALIDATION_ERROR, f"{first[0]}: {first[1]}", errors)
         if str(current.get("type", "")).startswith("native:"):
             raise _fail(
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"{path}.column.name",
                 f"column '{name}' has a type outside the vocabulary",
             )
         if merged == current:
             raise _fail(
-                "validation_error", f"{path}.column", f"modify_column changes nothing on '{table}.{name}'"
+                ErrorCode.VALIDATION_ERROR,
+                f"{path}.column",
+                f"modify_column changes nothing on '{table}.{name}'",
             )
         if current.get("primary_key") and merged.get("type") != current.get("type"):
             raise _fail(
-                "validation_error",
+                ErrorCode.VALIDATION_ERROR,
                 f"{path}.column.type",
                 "changing the type of a primary key is not supported",
             )
         if current.get("primary_key") and native.get("auto_pk") == name:
-            raise _fail("validation_error", f"{path}.column", "an identity primary key cannot be modified")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.column", "an identity primary key cannot be modified"
+            )
         columns[name] = merged
     elif change_type == "rename_column":
         old, new = change["from"], change["to"]
         if old not in columns:
-            raise _fail("validation_error", f"{path}.from", f"column '{old}' does not exist in '{table}'")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.from", f"column '{old}' does not exist in '{table}'"
+            )
         if new in columns:
-            raise _fail("validation_error", f"{path}.to", f"column '{new}' already exists in '{table}'")
+            raise _fail(
+                ErrorCode.VALIDATION_ERROR, f"{path}.to", f"column '{new}' already exists in '{table}'"
+            )
         entry["columns"] = {(new if n == old else n): c for n, c in columns.items()}
         entry["column_order"] = [new if n == old else n for n in order]
         if table in native_all:
@@ -218,7 +238,7 @@ def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> 
             if old in objects:
                 objects[new] = objects.pop(old)
     else:  # pragma: no cover - normalize_bundle only lets known types through
-        raise _fail("validation_error", f"{path}.type", f"unknown change type {change_type}")
+        raise _fail(ErrorCode.VALIDATION_ERROR, f"{path}.type", f"unknown change type {change_type}")
 
 
 def _with_vendor(schema: dict) -> dict:

@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from releasemgr.api import Conflict, Forbidden, ValidationFailed
+from releasemgr.core.errors import Conflict, Forbidden, ValidationFailed
 from tenants.models import Role
 from tenants.selectors import membership_get
 

@@ -19,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from releasemgr.api import ApiError, Conflict, ValidationFailed
+from releasemgr.core.errors import Conflict, ValidationFailed
 from tenants.models import NEXT_STAGE, Environment, Stage, Tenant
 from tenants.selectors import environment_get, flags_of
 
@@ -27,7 +27,7 @@ from .. import engine, metrics
 from ..models import Migration, Release, ReleaseStatus
 from .audit import audit_record
 from .side_effects import log_extra, notify
-from .targets import prod_gate_check, target_refusal
+from .targets import prod_gate_check
 
 logger = logging.getLogger("releases.services")  # one logger name for operators, as before the split
 
@@ -122,7 +122,6 @@ def validate_allow_unsafe(allow_unsafe: Any, reason: Any) -> tuple[list[str], st
     return sorted(set(allow_unsafe)), reason.strip()
 
 
-@target_refusal()
 def release_prepare(
     *,
     tenant: Tenant,
@@ -160,10 +159,7 @@ def release_prepare(
         to_environment.database_url, lock_timeout_ms=to_environment.dry_run_lock_timeout_ms
     ) as target:
         schema = engine.introspect(target)
-        try:
-            engine.check_dependencies(schema, changes)
-        except engine.PlanError as exc:
-            raise ApiError(str(exc), code=exc.code, status_code=400, details=exc.details)
+        engine.check_dependencies(schema, changes)  # PlanError: validation_error / unsupported_table
         findings = engine.lint(changes, schema)
         for _attempt in range(10):
             release_id = next_release_id(tenant=tenant)

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 
-from releasemgr.api import Conflict, UnsafeMigration
+from releasemgr.core.errors import Conflict, ErrorCode, UnsafeMigration
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Stage
 
@@ -21,7 +21,7 @@ from .. import engine, metrics
 from ..models import Backup, Release, ReleaseStatus
 from ..recorded import approved_changes, history_has, release_apply_recorded
 from .approvals import approvals_missing, unsafe_rules
-from .dispatch import PROMOTE, dispatch, in_process
+from .dispatch import PROMOTE, dispatch
 from .leases import lease_acquire_for_task, lease_release, target_session
 from .reconcile import release_reconcile
 from .side_effects import metric_labels, notify
@@ -59,7 +59,7 @@ def release_promote(
             if missing["rejected"]
             else f"The release needs {missing['approvals_required']} approval(s), it has {missing['approved']}."
         )
-        raise Conflict(message, code="approvals_missing", details=missing)
+        raise Conflict(message, code=ErrorCode.APPROVALS_MISSING, details=missing)
     rules = unsafe_rules(release)
     if rules:
         raise UnsafeMigration(
@@ -74,9 +74,11 @@ def release_promote(
     actor_pk = user.pk if user is not None else None
     dispatch(PROMOTE, release.pk, owner, actor_pk)
     release = wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
-    if release.status == ReleaseStatus.PREPARED and release.error_code == "environment_busy" and in_process():
+    # The worker found the environment busy (another session holds the target lock): the same 409
+    # whether the task ran in this process or on a worker we waited for.
+    if release.status == ReleaseStatus.PREPARED and release.error_code == ErrorCode.ENVIRONMENT_BUSY:
         raise Conflict(
-            release.error_message, code="environment_busy", details={"release_id": release.release_id}
+            release.error_message, code=ErrorCode.ENVIRONMENT_BUSY, details={"release_id": release.release_id}
         )
     return release
 
@@ -121,7 +123,7 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
     except Exception as exc:
         logger.exception("promotion of %s failed unexpectedly", release.release_id)
         settle_failed(
-            release, code="internal_error", message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
+            release, code=ErrorCode.INTERNAL_ERROR, message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
         )
     finally:
         lease_release(environment, owner)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
+from releasemgr.core.errors import ErrorCode
 from tenants.models import Environment
 
 from .. import engine
@@ -54,7 +55,7 @@ def _settle_from_history(release: Release, last: str | None, native: str) -> Non
         state = "at its pre-state" if native == release.native_fingerprint_before else "changed"
         settle_failed(
             release,
-            code="worker_lost",
+            code=ErrorCode.WORKER_LOST,
             message=f"The worker running this promotion stopped; nothing was committed (target {state}).",
             actor=None,
         )
@@ -63,7 +64,7 @@ def _settle_from_history(release: Release, last: str | None, native: str) -> Non
     else:
         settle_rollback_refused(
             release,
-            code="worker_lost",
+            code=ErrorCode.WORKER_LOST,
             message="The worker running this rollback stopped; nothing was committed.",
             actor=None,
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 
-from releasemgr.api import Conflict
+from releasemgr.core.errors import Conflict, ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Tenant
 
@@ -20,11 +20,10 @@ from .. import engine, metrics
 from ..models import Release, ReleaseStatus
 from ..recorded import approved_changes, history_has
 from ..selectors import live_release
-from .dispatch import ROLLBACK, dispatch, in_process
+from .dispatch import ROLLBACK, dispatch
 from .leases import lease_acquire_for_task, lease_release, target_session
 from .reconcile import release_reconcile
 from .side_effects import metric_labels
-from .targets import target_refusal
 from .transitions import (
     actor_of,
     begin,
@@ -60,7 +59,7 @@ def release_rollback(
     if purged:
         raise Conflict(
             "The data this rollback would restore has been purged; it cannot be rolled back.",
-            code="rollback_blocked",
+            code=ErrorCode.ROLLBACK_BLOCKED,
             details={"purged": purged},
         )
     release_reconcile(environment=release.to_environment)
@@ -69,9 +68,13 @@ def release_rollback(
     actor_pk = user.pk if user is not None else None
     dispatch(ROLLBACK, release.pk, owner, actor_pk)
     release = wait_for(release, statuses=[ReleaseStatus.ROLLING_BACK], wait_seconds=wait_seconds)
-    if release.status == ReleaseStatus.PROMOTED and release.error_code and in_process():
+    # The rollback was refused (drift, blocked, locked): its code, whether the task ran in this process
+    # or on a worker we waited for.
+    if release.status == ReleaseStatus.PROMOTED and release.error_code:
         raise Conflict(
-            release.error_message, code=release.error_code, details={"release_id": release.release_id}
+            release.error_message,
+            code=ErrorCode.of(release.error_code, ErrorCode.CONFLICT),
+            details={"release_id": release.release_id},
         )
     return release
 
@@ -90,7 +93,7 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
         with target_session(environment, owner) as (target, locked):
             if not locked:
                 raise engine.EngineError(
-                    "environment_busy", "Another session holds the target's release lock."
+                    ErrorCode.ENVIRONMENT_BUSY, "Another session holds the target's release lock."
                 )
             if history_has(target, release, "rollback"):
                 settle_rolled_back(release, actor=actor)
@@ -117,7 +120,7 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
     except Exception as exc:
         logger.exception("rollback of %s failed unexpectedly", release.release_id)
         settle_rollback_refused(
-            release, code="internal_error", message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
+            release, code=ErrorCode.INTERNAL_ERROR, message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
         )
     finally:
         lease_release(environment, owner)
@@ -137,7 +140,6 @@ def rebase_live_release(environment: Environment, result: Any) -> None:
         )
 
 
-@target_refusal()
 def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
     """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
     environment = release.to_environment
@@ -147,7 +149,7 @@ def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
         if current != release.native_fingerprint_before:
             raise Conflict(
                 "The target is not at the schema it had before this release; inspect it before settling.",
-                code="schema_drift",
+                code=ErrorCode.SCHEMA_DRIFT,
                 details={"expected": release.native_fingerprint_before, "found": current},
             )
     settle_rolled_back(release, actor=user)

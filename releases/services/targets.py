@@ -1,26 +1,17 @@
-"""Reading targets on behalf of a service: the prod gate, and target errors refused in the envelope."""
+"""Reading targets on behalf of a service: the prod gate.
+
+A target that cannot be opened, or stays locked, raises the engine's TargetError: an ApplicationError
+whose code (`target_unreachable`, `lock_timeout`) the API answers with 503, its message scrubbed of the
+URL, user, password and host. 503: the client may retry, and no Idempotency-Key keeps it."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-from releasemgr.api import ApiError, Conflict
+from releasemgr.core.errors import Conflict, ErrorCode
 from tenants.models import Environment
 
 from .. import engine
-
-
-@contextlib.contextmanager
-def target_refusal() -> Iterator[None]:
-    """A target that cannot be opened, or stays locked, refuses the request in the envelope: 503 with
-    the TargetError's code (`target_unreachable`, `lock_timeout`) and its message, scrubbed of the
-    URL, user, password and host. 503: the client may retry, and no Idempotency-Key keeps it."""
-    try:
-        yield
-    except engine.TargetError as exc:
-        raise ApiError(exc.message, code=exc.code, status_code=503) from None
 
 
 def prod_gate_check(
@@ -39,6 +30,6 @@ def prod_gate_check(
             details["difference"] = engine.schema_difference(staging_schema, schema_after)
         raise Conflict(
             "Prod gate: after this release prod would not have the schema staging runs now.",
-            code="gate",
+            code=ErrorCode.GATE,
             details=details,
         )

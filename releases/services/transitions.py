@@ -19,7 +19,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from releasemgr.api import Conflict
+from releasemgr.core.errors import Conflict, ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment
 
@@ -45,7 +45,7 @@ def begin(release: Release, *, status_from: str, status_to: str) -> str:
             )
             raise Conflict(
                 f"Environment {environment.stage} is busy with another release; try again when it is done.",
-                code="environment_busy",
+                code=ErrorCode.ENVIRONMENT_BUSY,
                 details={"release_id": holder.first() or ""},
             )
         moved = Release.objects.filter(pk=release.pk, status=status_from).update(

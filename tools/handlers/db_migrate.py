@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from rest_framework import serializers
 
+from releasemgr.core.errors import ErrorCode
+
 from ..errors import ToolFailure, ToolRefused, ToolValidationError
 
 if TYPE_CHECKING:
@@ -248,7 +250,7 @@ def handle(args: dict[str, Any], ctx: ToolContext, *, call: ToolCall, dry_run: b
     if not output["dry_run_result"]["ok"]:
         raise ToolFailure(
             f"The dry-run failed: {plan.error or 'the rollback did not restore the schema'}",
-            code="dry_run_failed",
+            code=ErrorCode.DRY_RUN_FAILED,
             data=output,
         )
     return output

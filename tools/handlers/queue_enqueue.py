@@ -21,6 +21,8 @@ from django.conf import settings
 from django.db import transaction
 from rest_framework import serializers
 
+from releasemgr.core.errors import ErrorCode
+
 from ..errors import ToolFailure, ToolNotFound, ToolValidationError
 
 if TYPE_CHECKING:
@@ -132,7 +134,7 @@ def resolve_task(job: Job) -> Any:
     except KeyError:
         raise ToolFailure(
             f"Job {job.name!r} runs task {job.task!r}, which is not registered with Celery.",
-            code="job_unavailable",
+            code=ErrorCode.JOB_UNAVAILABLE,
         )
 
 

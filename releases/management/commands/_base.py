@@ -1,7 +1,7 @@
 """What every releasemgr command shares: refusals on stderr with an exit code, JSON on stdout, the acting user.
 
 Commands parse arguments and call services; they never hold business logic. A refusal from a service
-(`releasemgr.api.ApiError`, or an engine error carrying a code) is printed as `error: <code>: <message>`
+(any `releasemgr.core.errors.ApplicationError`, engine errors included) is printed as `error: <code>: <message>`
 on stderr and exits 1; bad arguments raise CommandError with exit code 2.
 """
 
@@ -16,21 +16,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.management.base import BaseCommand, CommandError
 
-from releasemgr.api import ApiError
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from tenants.models import Membership, Role, Tenant
 
 EXIT_REFUSED = 1
 EXIT_BAD_ARGUMENTS = 2
-
-
-class Refused(Exception):
-    """A refusal the command reports as `error: <code>: <message>` with exit code 1."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
 
 
 def bad_arguments(message: str) -> CommandError:
@@ -46,16 +36,8 @@ class ServiceCommand(BaseCommand):
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 return super().execute(*args, **options)
-        except ApiError as exc:
+        except ApplicationError as exc:
             self._refuse(exc.code, exc.message, exc.details)
-        except Refused as exc:
-            self._refuse(exc.code, exc.message, exc.details)
-        except Exception as exc:
-            # Engine errors (target unreachable, plan errors, ...) carry a code and a scrubbed message.
-            code, message = getattr(exc, "code", None), getattr(exc, "message", None)
-            if isinstance(code, str) and isinstance(message, str) and not isinstance(exc, CommandError):
-                self._refuse(code, message, getattr(exc, "details", None))
-            raise
 
     def _refuse(self, code: str, message: str, details: Any) -> None:
         stderr = self.stderr if hasattr(self, "stderr") else sys.stderr
@@ -74,7 +56,9 @@ class ServiceCommand(BaseCommand):
     def tenant(self, slug: str) -> Tenant:
         tenant = Tenant.objects.filter(slug=slug).first()
         if tenant is None:
-            raise Refused("not_found", f"Tenant {slug!r} does not exist (create it with tenant_setup).")
+            raise ApplicationError(
+                f"Tenant {slug!r} does not exist (create it with tenant_setup).", code=ErrorCode.NOT_FOUND
+            )
         return tenant
 
     def acting_user(
@@ -93,16 +77,21 @@ class ServiceCommand(BaseCommand):
                 .first()
             )
             if membership is None:
-                raise Refused(
-                    "forbidden", f"Tenant {tenant.slug} has no admin member; pass --user or add one."
+                raise ApplicationError(
+                    f"Tenant {tenant.slug} has no admin member; pass --user or add one.",
+                    code=ErrorCode.FORBIDDEN,
                 )
             return membership.user
         user = get_user_model().objects.filter(username=username).first()
         if user is None or not user.is_active:
-            raise Refused("not_found", f"User {username!r} does not exist or is inactive.")
+            raise ApplicationError(
+                f"User {username!r} does not exist or is inactive.", code=ErrorCode.NOT_FOUND
+            )
         if user.is_superuser:
             return user
         membership = Membership.objects.filter(tenant=tenant, user=user).first()
         if membership is None or not membership.has_role(role):
-            raise Refused("forbidden", f"User {username} is not {role} of tenant {tenant.slug}.")
+            raise ApplicationError(
+                f"User {username} is not {role} of tenant {tenant.slug}.", code=ErrorCode.FORBIDDEN
+            )
         return user

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from releases import selectors, services
 from releases.api.serializers import release_manifest
 from releases.models import ReleaseStatus
 from tenants.models import NEXT_STAGE, Stage
 
-from ._base import Refused, ServiceCommand, bad_arguments
+from ._base import ServiceCommand, bad_arguments
 
 PREVIOUS_STAGE = {after: before for before, after in NEXT_STAGE.items()}
 
@@ -96,4 +97,7 @@ class Command(ServiceCommand):
         release = selectors.release_get(tenant=tenant, release_id=release.release_id)
         self.print_json(release_manifest(release))
         if release.status == ReleaseStatus.FAILED:
-            raise Refused(release.error_code or "failed", release.error_message or "The dry-run failed.")
+            raise ApplicationError(
+                release.error_message or "The dry-run failed.",
+                code=ErrorCode.of(release.error_code, ErrorCode.DRY_RUN_FAILED),
+            )

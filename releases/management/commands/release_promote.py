@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from releases import selectors, services
 from releases.api.serializers import release_manifest
 from releases.models import Release, ReleaseStatus
 
-from ._base import Refused, ServiceCommand, bad_arguments
+from ._base import ServiceCommand, bad_arguments
 
 DEFAULT_WAIT_SECONDS = 3600.0
 
@@ -45,17 +46,22 @@ class Command(ServiceCommand):
                 .first()
             )
             if latest is None:
-                raise Refused("not_found", f"Tenant {tenant.slug} has no prepared release to promote.")
+                raise ApplicationError(
+                    f"Tenant {tenant.slug} has no prepared release to promote.", code=ErrorCode.NOT_FOUND
+                )
             release = selectors.release_get(tenant=tenant, release_id=latest.release_id)
         wait = None if options["no_wait"] else options["wait_seconds"]
         release = services.release_promote(release=release, user=user, wait_seconds=wait)
         release = selectors.release_get(tenant=tenant, release_id=release.release_id)
         self.print_json(release_manifest(release))
         if release.status == ReleaseStatus.FAILED:
-            raise Refused(release.error_code or "failed", release.error_message or "The promotion failed.")
+            raise ApplicationError(
+                release.error_message or "The promotion failed.",
+                code=ErrorCode.of(release.error_code, ErrorCode.APPLY_FAILED),
+            )
         if release.status == ReleaseStatus.PROMOTING and not options["no_wait"]:
-            raise Refused(
-                "timeout",
+            raise ApplicationError(
                 f"{release.release_id} is still promoting after {options['wait_seconds']:.0f} s; "
                 f"follow it with release_list or GET /api/releases/{release.release_id}.",
+                code=ErrorCode.TIMEOUT,
             )

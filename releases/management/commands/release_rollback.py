@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from releases import selectors, services
 from releases.api.serializers import release_manifest
 from releases.models import ReleaseStatus
 
-from ._base import Refused, ServiceCommand, bad_arguments
+from ._base import ServiceCommand, bad_arguments
 
 
 class Command(ServiceCommand):
@@ -36,10 +37,10 @@ class Command(ServiceCommand):
                 raise bad_arguments("--to rolls back in order and always waits; drop --no-wait.")
             release = selectors.release_get(tenant=tenant, release_id=options["to_release"])
             if release.status != ReleaseStatus.PROMOTED:
-                raise Refused(
-                    "conflict",
+                raise ApplicationError(
                     f"{release.release_id} is {release.status}; --to needs a promoted release.",
-                    {"status": release.status},
+                    code=ErrorCode.CONFLICT,
+                    details={"status": release.status},
                 )
             done = services.release_rollback_to(tenant=tenant, release=release, user=user)
             manifests = [
@@ -51,10 +52,10 @@ class Command(ServiceCommand):
             self.print_json(manifests)
             stopped = next((m for m in manifests if not m["rolled_back"]), None)
             if stopped is not None:
-                raise Refused(
-                    stopped["error_code"] or "rollback_failed",
+                raise ApplicationError(
                     f"Stopped at {stopped['release_id']} ({stopped['status']}): "
                     f"{stopped['error_message'] or 'not rolled back'}",
+                    code=stopped["error_code"] or "rollback_failed",
                 )
             return
         release = selectors.release_get(tenant=tenant, release_id=options["release"])
@@ -67,7 +68,7 @@ class Command(ServiceCommand):
             options["no_wait"] and manifest["status"] == ReleaseStatus.ROLLING_BACK
         ):
             return
-        raise Refused(
-            manifest["error_code"] or "rollback_failed",
+        raise ApplicationError(
             manifest["error_message"] or f"{release.release_id} is {manifest['status']}, not rolled back.",
+            code=manifest["error_code"] or "rollback_failed",
         )

@@ -8,8 +8,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
+from releasemgr.core.errors import ApplicationError, ErrorCode
 from releasemgr.core.scrub import mask_url
-from releases.management.commands._base import Refused, ServiceCommand
+from releases.management.commands._base import ServiceCommand
 from tenants.models import Environment, Role, Stage
 from tenants.services import membership_set, tenant_setup, token_issue, user_login_set
 
@@ -107,9 +108,9 @@ class Command(ServiceCommand):
                 value = username
             passwords[username] = value
         if missing:
-            raise Refused(
-                "misconfigured",
+            raise ApplicationError(
                 f"RELEASEMGR_ENV={settings.RELEASEMGR_ENV}: the demo's default passwords are for development "
                 f"only; set {' and '.join(missing)}.",
+                code=ErrorCode.MISCONFIGURED,
             )
         return passwords

@@ -7,7 +7,8 @@ from datetime import timedelta
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from releases.management.commands._base import Refused, ServiceCommand, bad_arguments
+from releasemgr.core.errors import ApplicationError, ErrorCode
+from releases.management.commands._base import ServiceCommand, bad_arguments
 from tenants.models import Membership
 from tenants.services import token_issue
 
@@ -34,12 +35,14 @@ class Command(ServiceCommand):
         tenant = self.tenant(options["tenant"])
         user = get_user_model().objects.filter(username=options["user"]).first()
         if user is None or not user.is_active:
-            raise Refused("not_found", f"User {options['user']!r} does not exist or is inactive.")
+            raise ApplicationError(
+                f"User {options['user']!r} does not exist or is inactive.", code=ErrorCode.NOT_FOUND
+            )
         membership = Membership.objects.filter(tenant=tenant, user=user).first()
         if membership is None:
-            raise Refused(
-                "forbidden",
+            raise ApplicationError(
                 f"User {user.username} is not a member of tenant {tenant.slug}; add them with tenant_setup.",
+                code=ErrorCode.FORBIDDEN,
             )
         expires_at = None
         if options["expires_days"] is not None:

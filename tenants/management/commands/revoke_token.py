@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from releases.management.commands._base import Refused, ServiceCommand, bad_arguments
+from releasemgr.core.errors import ApplicationError, ErrorCode
+from releases.management.commands._base import ServiceCommand, bad_arguments
 from tenants.models import ApiToken
 from tenants.services import token_revoke
 
@@ -28,11 +29,11 @@ class Command(ServiceCommand):
             tokens = tokens.filter(tenant__slug=options["tenant"])
         tokens = list(tokens)
         if not tokens:
-            raise Refused("not_found", f"No API token has the prefix {prefix[:16]!r}.")
+            raise ApplicationError(f"No API token has the prefix {prefix[:16]!r}.", code=ErrorCode.NOT_FOUND)
         if len(tokens) > 1:
-            raise Refused(
-                "conflict",
+            raise ApplicationError(
                 f"{len(tokens)} tokens have the prefix {prefix[:16]!r}; give more characters or --tenant.",
+                code=ErrorCode.CONFLICT,
             )
         token = tokens[0]
         already = token.revoked_at is not None
