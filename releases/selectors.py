@@ -328,7 +328,9 @@ def environment_fingerprint(*, environment: Environment) -> TargetFingerprint:
     reason; a URL or key that cannot even be read gives "could not be read" (logged), never an error."""
     try:
         with engine.open_target(environment.database_url) as target:
-            return TargetFingerprint(fingerprint=engine.fingerprint(engine.introspect(target)), reachable=True)
+            return TargetFingerprint(
+                fingerprint=engine.fingerprint(engine.introspect(target)), reachable=True
+            )
     except engine.TargetError as exc:
         return TargetFingerprint(fingerprint=None, reachable=False, error=str(exc) or "unreachable")
     except Exception:  # a broken URL or key must not take a whole page or list down
