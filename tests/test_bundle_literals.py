@@ -476,3 +476,24 @@ def test_normalize_bundle__decimal_text__never_expands_a_huge_exponent():
         )
     assert "database.changes[0].column.default" in caught.value.details
     decimal.Decimal("1e999999999999999999")  # Python accepts it; the bundle must not format it
+
+
+@pytest.mark.parametrize(
+    ("name", "default"),
+    [
+        ("c_float", "-0"),
+        ("c_float", -0.0),
+        ("c_json", [1.809763133428521e16]),
+        ("c_decimal", "1.5e1"),
+        ("c_datetime", "9999-12-31T23:59:59+05:00"),
+    ],
+)
+def test_prepare__modify_default_without_type__the_target_gets_the_normalized_value(literals, name, default):
+    """A modify_column that gives only a default: the SQL renders the value the column's type makes
+    of it, the same one the expected schema holds, on both dialects (a dry-run failure before)."""
+    response = literals.prepare(
+        {"type": "modify_column", "table": "base", "column": {"name": name, "default": default}}
+    )
+    assert response.status_code == 201, response.content
+    data = response.json()["data"]
+    assert data["status"] == "prepared", data["error_message"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import decimal
 import hashlib
@@ -679,6 +680,11 @@ def merge_column(current: dict, modification: dict) -> dict:
     if merged.get("primary_key"):
         merged["nullable"] = False
         merged["unique"] = False
+    if modification.get("default") is not None and merged.get("type") in COLUMN_TYPES:
+        # A default given without its type is kept as sent in the bundle: the SQL gets the value
+        # the merged column's type makes of it. One that is not valid stays for validate_merged_column.
+        with contextlib.suppress(ValueError):
+            merged["default"] = normalize_default(merged, merged["default"])
     return merged
 
 
