@@ -356,6 +356,7 @@ REFUSED = [
     ),
     ("decimal NaN", {"type": "decimal", "precision": 10, "default": "NaN"}, "default"),
     ("precision 1001", {"type": "decimal", "precision": 1001, "default": "1"}, "precision"),
+    ("precision 10**20", {"type": "decimal", "precision": 10**20, "default": "9"}, "precision"),
     ("datetime 9999 -12:00", {"type": "datetime", "default": "9999-12-31T23:59:59-12:00"}, "default"),
     ("datetime 0001 +01:00", {"type": "datetime", "default": "0001-01-01T00:00:00+01:00"}, "default"),
     ("datetime 9999 -00:01", {"type": "datetime", "default": "9999-12-31T23:59:00-00:01"}, "default"),
@@ -438,6 +439,11 @@ def test_prepare__out_of_range_literal__400_names_the_field(literals, label, col
             "type": "modify_column",
             "table": "base",
             "column": {"name": f"c_{column['type']}", **{k: v for k, v in column.items() if k != "type"}},
+        },
+        {  # another column's type changed to this one: the default is judged with the sizes given
+            "type": "modify_column",
+            "table": "base",
+            "column": {"name": "c_string" if column["type"] != "string" else "c_text", **column},
         },
     ):
         response = literals.prepare(change)

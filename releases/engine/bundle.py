@@ -363,7 +363,7 @@ def format_decimal(number: decimal.Decimal, precision: Any, scale: Any) -> str:
         exponent = number.as_tuple().exponent
         shown = min(max(-exponent, 0), MAX_DECIMAL_PRECISION) if isinstance(exponent, int) else 0
         return _quantized(number, 2 * MAX_DECIMAL_PRECISION, shown)
-    if not 0 <= scale <= precision:
+    if not 0 <= scale <= precision <= MAX_DECIMAL_PRECISION:  # the sizes' own errors name them
         raise ValueError(f"cannot be checked against decimal({precision}, {scale})")
     if places > scale:
         raise ValueError(f"has more than {scale} decimal places")
@@ -492,7 +492,15 @@ def _normalize_modification(raw: Any, path: str, errors: _Collector) -> dict | N
         result[key] = value
     if len(result) == 1 and result["name"] is not None:
         errors.add(path, "names no attribute to change")
+    _check_scale(result, path, errors)
     return result
+
+
+def _check_scale(modification: dict, path: str, errors: _Collector) -> None:
+    """A modify_column that gives both sizes: the scale must fit the precision (as on a new column)."""
+    precision, scale = modification.get("precision"), modification.get("scale")
+    if isinstance(precision, int) and isinstance(scale, int) and scale > precision:
+        errors.add(f"{path}.scale", "must not exceed precision")
 
 
 def _normalize_change(raw: Any, path: str, errors: _Collector) -> dict | None:
