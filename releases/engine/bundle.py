@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import decimal
 import hashlib
 import json
 import math
 import re
+import sys
 import uuid
 from typing import Any
 
@@ -224,7 +226,7 @@ def normalize_default(column: dict, value: Any) -> Any:
             raise ValueError("must be an ISO 8601 datetime string with an offset") from None
         if parsed.tzinfo is None:
             raise ValueError("must carry a UTC offset (e.g. 2024-01-15T12:00:00+00:00)")
-        return parsed.astimezone(dt.UTC).isoformat()
+        return utc_isoformat(parsed)
     if column_type == "time":
         if not isinstance(value, str):
             raise ValueError("must be an ISO 8601 time string (HH:MM[:SS[.ffffff]])")
@@ -240,7 +242,7 @@ def normalize_default(column: dict, value: Any) -> Any:
             raise ValueError('must be a decimal written as a string (e.g. "1.10"), not a float')
         try:
             number = decimal.Decimal(str(value).strip())
-        except decimal.InvalidOperation:
+        except (decimal.InvalidOperation, ValueError):  # ValueError: an int of over 4300 digits
             raise ValueError("is not a decimal number") from None
         if not number.is_finite():
             raise ValueError("must be a finite decimal")
@@ -248,13 +250,7 @@ def normalize_default(column: dict, value: Any) -> Any:
     if column_type == "float":
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"must be a number, got {_describe(value)}")
-        try:
-            number_float = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("is not a number") from None
-        if not math.isfinite(number_float):
-            raise ValueError("must be a finite number")
-        return repr(number_float)
+        return repr(float_literal(value))
     if column_type == "uuid":
         if not isinstance(value, str):
             raise ValueError("must be a UUID string")
@@ -269,7 +265,7 @@ def normalize_default(column: dict, value: Any) -> Any:
             raise ValueError(
                 "must be a JSON value without NaN or Infinity, nested at most a few hundred levels"
             ) from None
-        return json.loads(canonical_json(value))
+        return json.loads(canonical_json(value), parse_float=jsonb_number)
     if column_type == "binary":
         if not isinstance(value, str):
             raise ValueError("must be base64 text")
@@ -281,21 +277,111 @@ def normalize_default(column: dict, value: Any) -> Any:
     raise ValueError("cannot be checked: the column type is unknown")
 
 
+# The range of a datetime default, in UTC: Python's datetime (PostgreSQL's timestamptz reaches further).
+DATETIME_MIN = dt.datetime.min.replace(tzinfo=dt.UTC)
+DATETIME_MAX = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def utc_isoformat(parsed: dt.datetime) -> str:
+    """An aware datetime in UTC, ISO 8601; ValueError when UTC falls outside years 1..9999."""
+    try:
+        return parsed.astimezone(dt.UTC).isoformat()
+    except OverflowError:
+        raise ValueError(
+            f"is out of range: in UTC it must fall between {DATETIME_MIN.isoformat()} and "
+            f"{DATETIME_MAX.isoformat()}"
+        ) from None
+
+
+def float_literal(value: str | int | float) -> float:
+    """A float default as the double both dialects store; ValueError when it is none or out of range.
+
+    Out of range: beyond +-1.7976931348623157e+308 (infinite), or a non-zero literal so small that
+    the double is 0. Subnormal doubles (down to 5e-324) are kept: both dialects store them.
+    Minus zero is zero (PostgreSQL's default expression drops the sign, SQLite's keeps it).
+    """
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the double's range
+        raise ValueError(f"is out of range for a float (at most +-{sys.float_info.max!r})") from None
+    except (TypeError, ValueError):
+        raise ValueError("is not a number") from None
+    if not math.isfinite(number):  # NaN, or a literal like "1e400" or "inf"
+        raise ValueError(f"must be a finite number within +-{sys.float_info.max!r}")
+    if number == 0 and isinstance(value, str) and not _is_zero_text(value):
+        raise ValueError(f"is too small for a float: it would be stored as 0 (the least is {5e-324!r})")
+    return number if number else 0.0  # -0.0 is 0.0: PostgreSQL stores a default of -0.0 as 0
+
+
+def jsonb_number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent as jsonb keeps it (numeric, never an exponent).
+
+    PostgreSQL writes 1.809763133428521e+16 back as 18097631334285210 and -0.0 as 0.0: a default
+    keeps the value a jsonb column shows, on both dialects.
+    """
+    if "e+" in text.lower():  # an integral float: repr writes 1e16 and above with an exponent
+        return int(decimal.Decimal(text))
+    number = float(text)
+    return number if number else 0.0
+
+
+def _is_zero_text(text: str) -> bool:
+    try:
+        return decimal.Decimal(text.strip()).is_zero()
+    except decimal.InvalidOperation:
+        return True  # float() read it, Decimal did not (no such text is known): judged by float()
+
+
+def decimal_shape(number: decimal.Decimal) -> tuple[int, int]:
+    """(digits before the point, digits after it) of a finite decimal, trailing zeros not counted.
+
+    Read from the digits and the exponent, with no arithmetic: "1e999999999999999999" costs what
+    "1e3" costs, where quantize or formatting would raise or try to write out every digit.
+    """
+    _, digits, exponent = number.as_tuple()
+    if not isinstance(exponent, int):  # "n", "N" or "F": NaN, sNaN or Infinity
+        raise ValueError("must be a finite decimal")
+    significant = len(digits)
+    while significant > 0 and digits[significant - 1] == 0:
+        significant -= 1
+        exponent += 1
+    if significant == 0:  # zero, whatever its exponent
+        return 0, 0
+    return max(significant + exponent, 0), max(-exponent, 0)
+
+
 def format_decimal(number: decimal.Decimal, precision: Any, scale: Any) -> str:
-    """A decimal as a string with exactly `scale` places; ValueError when it does not fit."""
-    if isinstance(scale, int) and isinstance(precision, int):
-        quantum = decimal.Decimal(1).scaleb(-scale)
-        with decimal.localcontext() as context:
-            context.prec = max(precision + 5, 40)
-            quantized = number.quantize(quantum, rounding=decimal.ROUND_HALF_EVEN)
-        if quantized != number:
-            raise ValueError(f"has more than {scale} decimal places")
-        digits = len(quantized.as_tuple().digits)
-        integer_digits = max(digits - scale, 0) if quantized != 0 else 0
-        if integer_digits > precision - scale:
-            raise ValueError(f"does not fit decimal({precision}, {scale})")
-        return f"{quantized:f}"
-    return f"{number:f}"
+    """A finite decimal as a string with exactly `scale` places; ValueError when it does not fit.
+
+    Without an int precision and scale (a modify_column that names neither) the bound is the
+    largest decimal a bundle can declare: MAX_DECIMAL_PRECISION digits either side of the point.
+    """
+    integer_digits, places = decimal_shape(number)
+    if not (isinstance(scale, int) and isinstance(precision, int)):
+        if integer_digits > MAX_DECIMAL_PRECISION or places > MAX_DECIMAL_PRECISION:
+            raise ValueError(f"does not fit the largest decimal, decimal({MAX_DECIMAL_PRECISION}, 0..)")
+        exponent = number.as_tuple().exponent
+        shown = min(max(-exponent, 0), MAX_DECIMAL_PRECISION) if isinstance(exponent, int) else 0
+        return _quantized(number, 2 * MAX_DECIMAL_PRECISION, shown)
+    if not 0 <= scale <= precision <= MAX_DECIMAL_PRECISION:  # the sizes' own errors name them
+        raise ValueError(f"cannot be checked against decimal({precision}, {scale})")
+    if places > scale:
+        raise ValueError(f"has more than {scale} decimal places")
+    if integer_digits > precision - scale:
+        raise ValueError(f"does not fit decimal({precision}, {scale})")
+    return _quantized(number, precision, scale)
+
+
+def _quantized(number: decimal.Decimal, digits: int, places: int) -> str:
+    """`number` written with exactly `places` decimals (it fits in `digits` significant ones)."""
+    with decimal.localcontext() as context:
+        context.prec = digits + 5
+        context.Emax = decimal.MAX_EMAX
+        context.Emin = decimal.MIN_EMIN
+        quantized = number.quantize(decimal.Decimal(1).scaleb(-places), rounding=decimal.ROUND_HALF_EVEN)
+    if quantized.is_zero():
+        quantized = quantized.copy_abs()  # "-0.00" is 0.00 to both dialects
+    return f"{quantized:f}"
 
 
 def check_column_attributes(column: dict, path: str, errors: _Collector) -> None:
@@ -406,7 +492,15 @@ def _normalize_modification(raw: Any, path: str, errors: _Collector) -> dict | N
         result[key] = value
     if len(result) == 1 and result["name"] is not None:
         errors.add(path, "names no attribute to change")
+    _check_scale(result, path, errors)
     return result
+
+
+def _check_scale(modification: dict, path: str, errors: _Collector) -> None:
+    """A modify_column that gives both sizes: the scale must fit the precision (as on a new column)."""
+    precision, scale = modification.get("precision"), modification.get("scale")
+    if isinstance(precision, int) and isinstance(scale, int) and scale > precision:
+        errors.add(f"{path}.scale", "must not exceed precision")
 
 
 def _normalize_change(raw: Any, path: str, errors: _Collector) -> dict | None:
@@ -594,6 +688,11 @@ def merge_column(current: dict, modification: dict) -> dict:
     if merged.get("primary_key"):
         merged["nullable"] = False
         merged["unique"] = False
+    if modification.get("default") is not None and merged.get("type") in COLUMN_TYPES:
+        # A default given without its type is kept as sent in the bundle: the SQL gets the value
+        # the merged column's type makes of it. One that is not valid stays for validate_merged_column.
+        with contextlib.suppress(ValueError):
+            merged["default"] = normalize_default(merged, merged["default"])
     return merged
 
 

@@ -117,7 +117,7 @@ def parse_default(vendor: str, column_type: str, text: str | None, column: dict)
         return {"raw": raw}
     try:
         return _convert_literal(vendor, column_type, literal, quoted, column)
-    except (ValueError, TypeError, decimal.InvalidOperation, json.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, decimal.InvalidOperation, json.JSONDecodeError):
         return {"raw": raw}
 
 
