@@ -3,6 +3,21 @@
 Statements are recorded as they run (`connection.execute_wrapper`), so the SQL stored with a plan is
 exactly what the dry-run executed; the executor replays that list later. Data about to be lost is
 copied into `_rm_` side tables first, with names derived from release id, position and direction.
+
+No committed write is lost. On PostgreSQL every copy aside is preceded by `LOCK TABLE ... IN ACCESS
+EXCLUSIVE MODE` (recorded and approved like every other statement, bounded by the apply's
+lock_timeout), so the copy holds every value committed before the change takes effect: no writer can
+commit between the copy and the ALTER. On SQLite the apply runs in `BEGIN IMMEDIATE`, which keeps
+every other writer out for the whole transaction.
+
+Rolling back a `modify_column` keeps the application's writes: a row still holding what the promote
+made of its pre-release value gets its pre-release value back (exactly, even when the change was
+lossy); a value written since the promote stays in the table, cast back, when the old definition can
+hold it (PostgreSQL: the cast back succeeds and casts forward to the same value; SQLite, which does
+not enforce types or lengths: any value but a NULL under NOT NULL). Only values the old definition
+cannot hold go to the `_rm_<release>_<position>r` side table with their key (reported with its row
+count); their rows get the pre-release value, or NULL for rows inserted since the promote (the
+rollback is then blocked if the old definition is NOT NULL: nothing is run).
 """
 
 from __future__ import annotations
@@ -150,7 +165,14 @@ class ChangeRunner:
             editor.execute = execute_literal
         return editor
 
+    def lock(self, table: str) -> None:
+        """PostgreSQL: take the table's ACCESS EXCLUSIVE lock now, before anything is read from it, so
+        no write commits between a copy aside and the ALTER that follows (SQLite: BEGIN IMMEDIATE)."""
+        if self.vendor == "postgresql":
+            self.sql(f"LOCK TABLE {quote(table)} IN ACCESS EXCLUSIVE MODE")
+
     def copy_aside(self, table: str, name: str, columns: list[str] | None) -> None:
+        self.lock(table)
         selected = "*" if columns is None else ", ".join(quote(c) for c in columns)
         if self.vendor == "postgresql" and columns is None:
             self.sql(f"CREATE TABLE {quote(name)} AS TABLE {quote(table)}")
@@ -329,14 +351,117 @@ class ChangeRunner:
         table, name = change["table"], change["column"]["name"]
         columns, native = self.live(table)
         if state.get("preserved"):
-            self.copy_aside(
-                table, preservation_name(self.release_id, position, "rollback"), [state["key"], name]
+            self.restore_values(table, columns, native, name, state["column"], state["key"], position)
+        else:
+            self._alter(table, columns, native, name, name, state["column"])
+
+    def restore_values(
+        self,
+        table: str,
+        columns: list[tuple[str, dict]],
+        native: dict,
+        name: str,
+        old: dict,
+        key: str,
+        position: int,
+    ) -> None:
+        """Put `name` back to its `old` definition, keeping the application's writes (module docstring).
+
+        Forward preserved (key, pre-release value) in the `f` table. `u` (dropped at the end) keeps
+        the keys of rows the application has not written since the promote; `r` receives the values
+        written since that the old definition cannot hold."""
+        new = dict(columns)[name]
+        old_model = self.model(table, [(n, old if n == name else c) for n, c in columns], native)
+        new_model = self.model(table, columns, native)
+        connection = self.target.connection
+        old_type = old_model._meta.get_field(field_attribute(name)).db_type(connection)
+        new_type = new_model._meta.get_field(field_attribute(name)).db_type(connection)
+        pg = self.vendor == "postgresql"
+        same = "IS NOT DISTINCT FROM" if pg else "IS"
+        side = preservation_name(self.release_id, position, "rollback")
+        t, k, c = quote(table), quote(key), quote(name)
+        f, r, u = (
+            quote(preservation_name(self.release_id, position, "forward")),
+            quote(side),
+            quote(side + "_u"),
+        )
+
+        self.lock(table)
+        # Rows nobody wrote since the promote: they hold what the promote made of the pre-release value
+        # (the same cast, or the default it filled a NULL with when NOT NULL was set).
+        unchanged = f"{t}.{c} {same} CAST({f}.{c} AS {new_type})"
+        fill = (
+            self.default_literal(new_model, name, new)
+            if old.get("nullable") and not new.get("nullable")
+            else None
+        )
+        if fill is not None:
+            unchanged = f"({unchanged} OR ({f}.{c} IS NULL AND {t}.{c} {same} CAST({fill} AS {new_type})))"
+        self.sql(
+            f"CREATE TABLE {u} AS SELECT {t}.{k} FROM {t} JOIN {f} ON {f}.{k} = {t}.{k} WHERE {unchanged}"
+        )
+        written = f"NOT EXISTS (SELECT 1 FROM {u} WHERE {u}.{k} = {t}.{k})"
+        # Values written since the promote that the old definition cannot hold: set aside with their key.
+        self.sql(f"CREATE TABLE {r} AS SELECT {k}, {c} FROM {t} WHERE 1 = 0")
+        null_kept = (
+            "CONTINUE;"
+            if old.get("nullable")
+            else f"INSERT INTO {r} ({k}, {c}) VALUES (_rm_row.rm_key, NULL); CONTINUE;"
+        )
+        if pg:
+            # PostgreSQL 15 has no pg_input_is_valid: try the cast back per written row, in a
+            # subtransaction; a value fits when it casts back and forward to itself.
+            self.sql(
+                "DO $_rm_$\n#variable_conflict use_column\nDECLARE _rm_row record;\nBEGIN\n"
+                f"  FOR _rm_row IN SELECT {k} AS rm_key, {c} AS rm_value FROM {t} WHERE {written} LOOP\n"
+                f"    IF _rm_row.rm_value IS NULL THEN {null_kept} END IF;\n"
+                "    BEGIN\n"
+                f"      IF CAST(CAST(_rm_row.rm_value AS {old_type}) AS {new_type}) IS DISTINCT FROM _rm_row.rm_value THEN\n"
+                f"        INSERT INTO {r} ({k}, {c}) VALUES (_rm_row.rm_key, _rm_row.rm_value);\n"
+                "      END IF;\n"
+                "    EXCEPTION WHEN data_exception THEN\n"
+                f"      INSERT INTO {r} ({k}, {c}) VALUES (_rm_row.rm_key, _rm_row.rm_value);\n"
+                "    END;\n"
+                "  END LOOP;\n"
+                "END\n$_rm_$"
             )
-            # The values written since the release are kept aside too; then the column goes back to
-            # its old definition and the values from before the release are put back by key.
-        self._alter(table, columns, native, name, name, state["column"])
-        if state.get("preserved"):
-            self.fill_from(table, preservation_name(self.release_id, position, "forward"), state["key"], name)
+        elif not old.get("nullable"):
+            self.sql(f"INSERT INTO {r} ({k}, {c}) SELECT {k}, {c} FROM {t} WHERE {c} IS NULL AND {written}")
+        self.sql(f"CREATE INDEX {quote(side + '_k')} ON {r} ({k})")
+        # Their rows: the pre-release value (it fits: the promote cast it), NULL for rows inserted since.
+        self.sql(
+            f"UPDATE {t} SET {c} = (SELECT CAST({f}.{c} AS {new_type}) FROM {f} WHERE {f}.{k} = {t}.{k}) "
+            f"WHERE {t}.{k} IN (SELECT {k} FROM {r})"
+        )
+        self._alter(table, columns, native, name, name, old)
+        # The exact pre-release values where nothing was written since (a lossy change cast them) and
+        # where a written value was set aside.
+        restore = f"({t}.{k} IN (SELECT {k} FROM {u}) OR {t}.{k} IN (SELECT {k} FROM {r}))"
+        saved = quote("_rm_saved")
+        if pg:
+            self.sql(
+                f"UPDATE {t} SET {c} = {saved}.{c} FROM {f} AS {saved} WHERE {t}.{k} = {saved}.{k} "
+                f"AND {restore} AND {t}.{c} IS DISTINCT FROM {saved}.{c}"
+            )
+        else:
+            self.sql(
+                f"UPDATE {t} SET {c} = (SELECT {saved}.{c} FROM {f} AS {saved} WHERE {saved}.{k} = {t}.{k}) "
+                f"WHERE {restore} AND EXISTS (SELECT 1 FROM {f} AS {saved} WHERE {saved}.{k} = {t}.{k} "
+                f"AND {t}.{c} IS NOT {saved}.{c})"
+            )
+        self.sql(f"DROP TABLE {u}")
+
+    def default_literal(self, model: Any, name: str, column: dict) -> str | None:
+        """SQL of `column`'s literal default as the schema editor writes it; None for none or a function."""
+        default = column.get("default")
+        if default is None or isinstance(default, dict):
+            return None
+        field = model._meta.get_field(field_attribute(name))
+        editor = self.target.connection.schema_editor(collect_sql=True, atomic=False)
+        sql, params = editor.db_default_sql(field)
+        if params:
+            sql = sql % tuple(editor.quote_value(p) for p in params)
+        return str(sql)
 
     def forward_rename_column(self, change: dict, position: int, state: dict) -> None:
         columns, native = self.live(change["table"])
