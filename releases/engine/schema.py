@@ -222,7 +222,7 @@ def _sqlite_type(declared: str, *, json_checked: bool, autoincrement: bool) -> d
 
 
 def _portable_column(**values: Any) -> dict[str, Any]:
-    column = {key: None for key in PORTABLE_KEYS}
+    column: dict[str, Any] = {key: None for key in PORTABLE_KEYS}
     column.update(nullable=True, unique=False, primary_key=False)
     column.update(values)
     if column["primary_key"]:
@@ -460,7 +460,7 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
             quoted = _sqlite_quote(table)
             native = _new_native("sqlite")
             result["native"][table] = native
-            entry = {"columns": {}, "column_order": []}
+            entry: dict[str, Any] = {"columns": {}, "column_order": []}
             result["tables"][table] = entry
             sql = sql or ""
             autoincrement = bool(re.search(r"\bAUTOINCREMENT\b", sql, re.I))
@@ -632,7 +632,7 @@ def native_fingerprint(target: Target) -> str:
 
 def python_default(column: dict) -> Any:
     """The Python value (or expression) Django's db_default needs for a portable default."""
-    value = column.get("default")
+    value: Any = column.get("default")
     column_type = column["type"]
     if value is None:
         return models.NOT_PROVIDED
