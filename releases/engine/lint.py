@@ -132,6 +132,32 @@ def _describe_type(column: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _string_length_risk(old_length: int | None, new_length: int | None) -> str | None:
+    """varchar(n) -> varchar(m): only a shorter limit (or a first one) rewrites and checks the rows."""
+    if old_length == new_length or new_length is None:
+        return None
+    if old_length is None or new_length < old_length:
+        return "narrows the maximum length (PostgreSQL rewrites and checks every row)"
+    return None
+
+
+def _decimal_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """numeric(p, s) -> numeric(q, t): only a wider precision at the same scale (or none) is free."""
+    old_precision, new_precision = old.get("precision"), new.get("precision")
+    old_scale, new_scale = old.get("scale"), new.get("scale")
+    if (old_precision, old_scale) == (new_precision, new_scale) or new_precision is None:
+        return None
+    if old_precision is None:
+        return "limits an unbounded numeric (PostgreSQL rewrites and may reject values)"
+    if (new_scale or 0) < (old_scale or 0):
+        return "reduces the scale (values are rounded, PostgreSQL rewrites the table)"
+    if new_precision - (new_scale or 0) < old_precision - (old_scale or 0):
+        return "reduces the integer digits (values may no longer fit)"
+    if (new_scale or 0) != (old_scale or 0):
+        return "changes the scale (PostgreSQL rewrites the table)"
+    return None
+
+
 def type_change_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Why changing `old`'s type to `new`'s is unsafe on PostgreSQL (rewrite or narrowing), or None.
 
@@ -139,28 +165,12 @@ def type_change_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     binary-coercible changes without a length/precision check avoid the rewrite.
     """
     old_type, new_type = old.get("type"), new.get("type")
-    old_length, new_length = old.get("max_length"), new.get("max_length")
+    new_length = new.get("max_length")
     if old_type == new_type:
         if old_type == "string":
-            if old_length == new_length or new_length is None:
-                return None
-            if old_length is None or new_length < old_length:
-                return "narrows the maximum length (PostgreSQL rewrites and checks every row)"
-            return None
+            return _string_length_risk(old.get("max_length"), new_length)
         if old_type == "decimal":
-            old_precision, new_precision = old.get("precision"), new.get("precision")
-            old_scale, new_scale = old.get("scale"), new.get("scale")
-            if (old_precision, old_scale) == (new_precision, new_scale) or new_precision is None:
-                return None
-            if old_precision is None:
-                return "limits an unbounded numeric (PostgreSQL rewrites and may reject values)"
-            if (new_scale or 0) < (old_scale or 0):
-                return "reduces the scale (values are rounded, PostgreSQL rewrites the table)"
-            if new_precision - (new_scale or 0) < old_precision - (old_scale or 0):
-                return "reduces the integer digits (values may no longer fit)"
-            if (new_scale or 0) != (old_scale or 0):
-                return "changes the scale (PostgreSQL rewrites the table)"
-            return None
+            return _decimal_risk(old, new)
         return None
     if old_type == "string" and new_type == "text":
         return None
