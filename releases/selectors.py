@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Field, Model, Prefetch, QuerySet
+from django.db.models.options import Options
 
 from releasemgr.core.errors import NotFound, ValidationFailed
 from tenants.models import Environment, Stage, Tenant
@@ -199,6 +201,13 @@ def _iso_utc_sql(vendor: str, column: str) -> str:
     return f"substr({column}, 1, 10) || 'T' || substr({column}, 12, 8) || 'Z'"
 
 
+def _column(meta: Options[Any], name: str) -> str:
+    """The database column of the concrete field `name`."""
+    field = meta.get_field(name)
+    assert isinstance(field, Field) and field.column is not None, name
+    return field.column
+
+
 @functools.lru_cache(maxsize=16)
 def _summary_sql(vendor: str, by_status: bool, by_to_env: bool, with_newest: bool) -> tuple[str, str]:
     """COUNT(*) and page statements of ReleaseSummaries for one filter shape (built once).
@@ -207,12 +216,12 @@ def _summary_sql(vendor: str, by_status: bool, by_to_env: bool, with_newest: boo
     clause, the limit and the offset."""
     quote = connection.ops.quote_name
     release, environment = Release._meta, Environment._meta
-    user = Release._meta.get_field("created_by").related_model._meta
+    user = cast("type[Model]", Release._meta.get_field("created_by").related_model)._meta
 
     def col(name: str) -> str:
-        return f"r.{quote(release.get_field(name).column)}"
+        return f"r.{quote(_column(release, name))}"
 
-    stage = quote(environment.get_field("stage").column)
+    stage = quote(_column(environment, "stage"))
     to_environment = (
         f" INNER JOIN {quote(environment.db_table)} te ON te.{quote(environment.pk.column)} = "
         f"{col('to_environment')}"
@@ -246,9 +255,7 @@ def _summary_sql(vendor: str, by_status: bool, by_to_env: bool, with_newest: boo
         name_of("fe", environment.db_table, environment.pk.column, "stage", "from_environment"),
         name_of("te", environment.db_table, environment.pk.column, "stage", "to_environment"),
         col("bundle_sha256"),
-        name_of(
-            "u", user.db_table, user.pk.column, user.get_field("username").column, "created_by", "LEFT OUTER"
-        ),
+        name_of("u", user.db_table, user.pk.column, _column(user, "username"), "created_by", "LEFT OUTER"),
         *(
             _iso_utc_sql(vendor, col(name))
             for name in ("created_at", "promoted_at", "failed_at", "rolled_back_at")
@@ -283,7 +290,7 @@ def _summary_sql(vendor: str, by_status: bool, by_to_env: bool, with_newest: boo
 def _newest_sql(vendor: str) -> str:
     quote = connection.ops.quote_name
     release = Release._meta
-    created_at, tenant = (quote(release.get_field(name).column) for name in ("created_at", "tenant"))
+    created_at, tenant = (quote(_column(release, name)) for name in ("created_at", "tenant"))
     return f"SELECT MAX({created_at}) FROM {quote(release.db_table)} WHERE {tenant} = %s"
 
 

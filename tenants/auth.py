@@ -6,13 +6,21 @@ from datetime import timedelta
 
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
+from rest_framework.request import Request
 
 from releasemgr.core.errors import Forbidden, ValidationFailed
 
-from .models import ApiToken, Membership, Role
+from .models import ApiToken, Membership, Role, Tenant
 
 TENANT_HEADER = "HTTP_X_TENANT_SLUG"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class TenantRequest(Request):
+    """The type of a request BearerTokenAuthentication let in: views annotate theirs with it."""
+
+    tenant: Tenant
+    membership: Membership
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):

@@ -100,8 +100,32 @@ def column(draw, name: str, *, has_rows: bool, allow_unique: bool) -> dict:
 WIDER = {"smallint": "integer", "integer": "bigint", "string": "text"}
 
 
+def modifications_of(current: dict) -> list[dict]:
+    """The modify_column attribute sets that a column with spec `current` can take on a table with rows."""
+    choices = []
+    if not current.get("nullable", True):
+        choices.append({"nullable": True})
+    if current["type"] in WIDER:
+        choices.append(
+            {"type": WIDER[current["type"]], "max_length": None}
+            if current["type"] == "string"
+            else {"type": WIDER[current["type"]]}
+        )
+    if current["type"] == "string":
+        choices.append({"max_length": current["max_length"] + 10})
+    if current.get("default") is not None:
+        choices.append({"default": None})
+    fillable = ("string", "text", "integer", "bigint", "smallint")
+    if current.get("nullable", True) and not current.get("unique") and current["type"] in fillable:
+        # SET NOT NULL with a default: existing NULLs are filled, and the rollback must bring them back.
+        fill = 7 if current["type"] not in ("string", "text") else "z"
+        choices.append({"nullable": False, "default": fill})
+    return choices
+
+
+# One branch per change type, like the engine's dispatchers that issue 14 splits by type.
 @st.composite
-def bundles(draw, base: dict[str, dict]) -> list[dict]:
+def bundles(draw, base: dict[str, dict]) -> list[dict]:  # noqa: C901
     """1-4 changes that each apply to the schema the previous ones leave (`base`: table -> column -> spec)."""
     state = {table: dict(columns) for table, columns in base.items()}
     populated = set(base)
@@ -145,24 +169,7 @@ def bundles(draw, base: dict[str, dict]) -> list[dict]:
         elif kind == "modify_column" and others:
             name = draw(st.sampled_from(others))
             current = columns[name]
-            choices = []
-            if not current.get("nullable", True):
-                choices.append({"nullable": True})
-            if current["type"] in WIDER:
-                choices.append(
-                    {"type": WIDER[current["type"]], "max_length": None}
-                    if current["type"] == "string"
-                    else {"type": WIDER[current["type"]]}
-                )
-            if current["type"] == "string":
-                choices.append({"max_length": current["max_length"] + 10})
-            if current.get("default") is not None:
-                choices.append({"default": None})
-            fillable = ("string", "text", "integer", "bigint", "smallint")
-            if current.get("nullable", True) and not current.get("unique") and current["type"] in fillable:
-                # SET NOT NULL with a default: existing NULLs are filled, and the rollback must bring them back.
-                fill = 7 if current["type"] not in ("string", "text") else "z"
-                choices.append({"nullable": False, "default": fill})
+            choices = modifications_of(current)
             if not choices:
                 continue
             modification = draw(st.sampled_from(choices))

@@ -48,13 +48,14 @@ class ToolTranscriptAdmin(TenantScopedAdmin):
 
     @admin.display(description="release", ordering="release__release_id")
     def release_link(self, obj: ToolTranscript) -> str:
-        if obj.release_id is None:
+        release = obj.release
+        if release is None:
             return "-"
         try:
             url = reverse("admin:releases_release_change", args=[obj.release_id])
         except NoReverseMatch:  # the release admin is not registered
-            return obj.release.release_id
-        return format_html('<a href="{}">{}</a>', url, obj.release.release_id)
+            return release.release_id
+        return format_html('<a href="{}">{}</a>', url, release.release_id)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -6,7 +6,6 @@ from typing import Any
 
 from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializer
 from rest_framework import serializers
-from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -16,7 +15,7 @@ from releasemgr.idempotency import idempotent
 from releasemgr.schema import error_responses
 from releasemgr.throttling import TenantScopedRateThrottle
 from releases.selectors import release_get
-from tenants.auth import IsTenantAdmin
+from tenants.auth import IsTenantAdmin, TenantRequest
 from tenants.models import Stage
 from tenants.selectors import environment_get
 
@@ -119,7 +118,7 @@ class ToolExecuteView(APIView):
         ],
     )
     @idempotent
-    def post(self, request: Request) -> Response:
+    def post(self, request: TenantRequest) -> Response:
         if not isinstance(request.data, dict):
             raise ValidationFailed(
                 "The body must be a JSON object.", details={"body": "Expected a JSON object."}

@@ -173,7 +173,8 @@ def _int_in(value: Any, path: str, errors: _Collector, low: int, high: int) -> i
     return value
 
 
-def normalize_default(column: dict, value: Any) -> Any:
+# Being extended concurrently (literal range checks): split it by type once that has merged.
+def normalize_default(column: dict, value: Any) -> Any:  # noqa: C901
     """The canonical JSON form of a default for this column, or ValueError with the reason.
 
     `column` needs `type` and, where they apply, `max_length`, `precision`, `scale`.
@@ -446,6 +447,28 @@ def _normalize_column(raw: Any, path: str, errors: _Collector, *, new_name: bool
     return column
 
 
+# The integer attributes a modify_column may give, with their bounds.
+_MODIFIED_LIMITS = {
+    "max_length": (1, MAX_STRING_LENGTH),
+    "precision": (1, MAX_DECIMAL_PRECISION),
+    "scale": (0, MAX_DECIMAL_PRECISION),
+}
+
+
+def _modified_type_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The column type a modify_column that gives `type` sets, to judge its new default against (its
+    limits only when they are integers or absent: bad ones are reported on their own keys)."""
+    probe = {
+        "type": raw["type"],
+        "max_length": raw.get("max_length"),
+        "precision": raw.get("precision"),
+    }
+    probe["scale"] = raw.get("scale", 0 if raw["type"] == "decimal" else None)
+    if not all(isinstance(probe[k], (int, type(None))) for k in ("max_length", "precision", "scale")):
+        probe.update(max_length=None, precision=None, scale=None)
+    return probe
+
+
 def _normalize_modification(raw: Any, path: str, errors: _Collector) -> dict | None:
     """A modify_column's column: `name` plus only the attributes given."""
     if not isinstance(raw, dict):
@@ -469,23 +492,11 @@ def _normalize_modification(raw: Any, path: str, errors: _Collector) -> dict | N
             if not isinstance(value, bool):
                 errors.add(f"{path}.{key}", f"must be true or false, got {_describe(value)}")
                 continue
-        elif key == "max_length" and value is not None:
-            value = _int_in(value, f"{path}.max_length", errors, 1, MAX_STRING_LENGTH)
-        elif key == "precision" and value is not None:
-            value = _int_in(value, f"{path}.precision", errors, 1, MAX_DECIMAL_PRECISION)
-        elif key == "scale" and value is not None:
-            value = _int_in(value, f"{path}.scale", errors, 0, MAX_DECIMAL_PRECISION)
+        elif key in _MODIFIED_LIMITS and value is not None:
+            value = _int_in(value, f"{path}.{key}", errors, *_MODIFIED_LIMITS[key])
         elif key == "default" and value is not None and raw.get("type") in COLUMN_TYPES:
-            probe = {
-                "type": raw["type"],
-                "max_length": raw.get("max_length"),
-                "precision": raw.get("precision"),
-            }
-            probe["scale"] = raw.get("scale", 0 if raw["type"] == "decimal" else None)
-            if not all(isinstance(probe[k], (int, type(None))) for k in ("max_length", "precision", "scale")):
-                probe.update(max_length=None, precision=None, scale=None)
             try:
-                value = normalize_default(probe, value)
+                value = normalize_default(_modified_type_of(raw), value)
             except ValueError as exc:
                 errors.add(f"{path}.default", str(exc))
                 continue
@@ -503,7 +514,8 @@ def _check_scale(modification: dict, path: str, errors: _Collector) -> None:
         errors.add(f"{path}.scale", "must not exceed precision")
 
 
-def _normalize_change(raw: Any, path: str, errors: _Collector) -> dict | None:
+# One branch per change type: issue 14 gives each type its own module.
+def _normalize_change(raw: Any, path: str, errors: _Collector) -> dict | None:  # noqa: C901
     if not isinstance(raw, dict):
         errors.add(path, f"must be an object, got {_describe(raw)}")
         return None

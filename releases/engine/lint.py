@@ -29,7 +29,7 @@ rebuilds the table anyway. Decisions worth knowing:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 Finding = dict[str, Any]
 
@@ -108,6 +108,11 @@ SAFE_ALTERNATIVES: dict[str, str] = {
 _NUMERIC_WIDTH = {"smallint": 2, "integer": 4, "bigint": 8}
 
 
+def _name(mapping: dict[str, Any], key: str) -> str:
+    """The table or column name under `key`: normalized changes and columns always carry it."""
+    return cast(str, mapping.get(key))
+
+
 def _finding(rule: str, index: int, message: str) -> Finding:
     return {
         "rule": rule,
@@ -127,6 +132,32 @@ def _describe_type(column: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _string_length_risk(old_length: int | None, new_length: int | None) -> str | None:
+    """varchar(n) -> varchar(m): only a shorter limit (or a first one) rewrites and checks the rows."""
+    if old_length == new_length or new_length is None:
+        return None
+    if old_length is None or new_length < old_length:
+        return "narrows the maximum length (PostgreSQL rewrites and checks every row)"
+    return None
+
+
+def _decimal_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """numeric(p, s) -> numeric(q, t): only a wider precision at the same scale (or none) is free."""
+    old_precision, new_precision = old.get("precision"), new.get("precision")
+    old_scale, new_scale = old.get("scale"), new.get("scale")
+    if (old_precision, old_scale) == (new_precision, new_scale) or new_precision is None:
+        return None
+    if old_precision is None:
+        return "limits an unbounded numeric (PostgreSQL rewrites and may reject values)"
+    if (new_scale or 0) < (old_scale or 0):
+        return "reduces the scale (values are rounded, PostgreSQL rewrites the table)"
+    if new_precision - (new_scale or 0) < old_precision - (old_scale or 0):
+        return "reduces the integer digits (values may no longer fit)"
+    if (new_scale or 0) != (old_scale or 0):
+        return "changes the scale (PostgreSQL rewrites the table)"
+    return None
+
+
 def type_change_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Why changing `old`'s type to `new`'s is unsafe on PostgreSQL (rewrite or narrowing), or None.
 
@@ -134,28 +165,12 @@ def type_change_risk(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     binary-coercible changes without a length/precision check avoid the rewrite.
     """
     old_type, new_type = old.get("type"), new.get("type")
-    old_length, new_length = old.get("max_length"), new.get("max_length")
+    new_length = new.get("max_length")
     if old_type == new_type:
         if old_type == "string":
-            if old_length == new_length or new_length is None:
-                return None
-            if old_length is None or new_length < old_length:
-                return "narrows the maximum length (PostgreSQL rewrites and checks every row)"
-            return None
+            return _string_length_risk(old.get("max_length"), new_length)
         if old_type == "decimal":
-            old_precision, new_precision = old.get("precision"), new.get("precision")
-            old_scale, new_scale = old.get("scale"), new.get("scale")
-            if (old_precision, old_scale) == (new_precision, new_scale) or new_precision is None:
-                return None
-            if old_precision is None:
-                return "limits an unbounded numeric (PostgreSQL rewrites and may reject values)"
-            if (new_scale or 0) < (old_scale or 0):
-                return "reduces the scale (values are rounded, PostgreSQL rewrites the table)"
-            if new_precision - (new_scale or 0) < old_precision - (old_scale or 0):
-                return "reduces the integer digits (values may no longer fit)"
-            if (new_scale or 0) != (old_scale or 0):
-                return "changes the scale (PostgreSQL rewrites the table)"
-            return None
+            return _decimal_risk(old, new)
         return None
     if old_type == "string" and new_type == "text":
         return None
@@ -193,7 +208,7 @@ class _State:
 
     def apply(self, change: dict[str, Any]) -> None:
         kind = change.get("type")
-        table = change.get("table")
+        table = _name(change, "table")
         if kind == "create_table":
             columns = {c["name"]: dict(c) for c in change.get("columns") or [] if isinstance(c, dict)}
             self.tables[table] = columns
@@ -203,19 +218,19 @@ class _State:
             self.created.discard(table)
         elif kind == "add_column":
             column = change.get("column") or {}
-            self.tables.setdefault(table, {})[column.get("name")] = dict(column)
+            self.tables.setdefault(table, {})[_name(column, "name")] = dict(column)
         elif kind == "drop_column":
-            self.tables.get(table, {}).pop(change.get("column"), None)
+            self.tables.get(table, {}).pop(_name(change, "column"), None)
         elif kind == "modify_column":
             given = change.get("column") or {}
-            current = self.tables.setdefault(table, {}).setdefault(given.get("name"), {})
+            current = self.tables.setdefault(table, {}).setdefault(_name(given, "name"), {})
             current.update({k: v for k, v in given.items() if k != "name"})
         elif kind == "rename_column":
             columns = self.tables.get(table, {})
             if change.get("from") in columns:
-                columns[change.get("to")] = columns.pop(change.get("from"))
+                columns[_name(change, "to")] = columns.pop(_name(change, "from"))
         elif kind == "rename_table":
-            source, target = change.get("from"), change.get("to")
+            source, target = _name(change, "from"), _name(change, "to")
             if source in self.tables:
                 self.tables[target] = self.tables.pop(source)
             if source in self.created:
@@ -223,7 +238,7 @@ class _State:
                 self.created.add(target)
 
 
-def _is_function_default(default: Any) -> bool:
+def _is_function_default(default: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(default, dict) and "function" in default
 
 
@@ -255,7 +270,7 @@ def _lint_new_columns(
                     f"Primary key {table}.{name} is {column.get('type')}: it can run out of values.",
                 )
             )
-    long_strings = [c.get("name") for c in columns if c.get("type") == "string" and c.get("max_length")]
+    long_strings = [_name(c, "name") for c in columns if c.get("type") == "string" and c.get("max_length")]
     if long_strings:
         findings.append(
             _finding(
@@ -268,7 +283,7 @@ def _lint_new_columns(
     if not existing:
         return findings
     for column in columns:
-        name = column.get("name")
+        name = _name(column, "name")
         default = column.get("default")
         if column.get("nullable") is False and default is None:
             findings.append(
@@ -296,9 +311,9 @@ def _lint_new_columns(
 
 
 def _lint_modify(index: int, change: dict[str, Any], state: _State) -> list[Finding]:
-    table = change.get("table")
+    table = _name(change, "table")
     given = change.get("column") or {}
-    name = given.get("name")
+    name = _name(given, "name")
     current = state.column(table, name)
     new = {**(current or {}), **given}
     findings: list[Finding] = []
@@ -315,6 +330,7 @@ def _lint_modify(index: int, change: dict[str, Any], state: _State) -> list[Find
     if not state.is_existing(table):
         return findings
     if type_changed:
+        risk: str | None
         if current is None:
             risk = "changes the type of a column whose current type is unknown"
         else:
@@ -334,7 +350,7 @@ def _lint_modify(index: int, change: dict[str, Any], state: _State) -> list[Find
     dropping_not_null = (
         given.get("nullable") is True and current is not None and current.get("nullable") is False
     )
-    if dropping_not_null and not current.get("primary_key"):
+    if dropping_not_null and current is not None and not current.get("primary_key"):
         findings.append(
             _finding(
                 "ban-drop-not-null",
@@ -364,7 +380,7 @@ def lint(changes: list[dict[str, Any]], schema: dict[str, Any] | None) -> list[F
     findings: list[Finding] = []
     for index, change in enumerate(changes):
         kind = change.get("type")
-        table = change.get("table")
+        table = _name(change, "table")
         found: list[Finding] = []
         if kind == "create_table":
             columns = [c for c in change.get("columns") or [] if isinstance(c, dict)]

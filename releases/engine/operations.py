@@ -162,7 +162,7 @@ class ChangeRunner:
             def execute_literal(sql: Any, params: Any = ()) -> Any:
                 return execute(sql, None if params is not None and len(params) == 0 else params)
 
-            editor.execute = execute_literal
+            editor.execute = execute_literal  # type: ignore[method-assign]  # this editor only
         return editor
 
     def lock(self, table: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,7 +53,8 @@ def _sqlite_rebuilds(change: dict, schema: dict) -> bool:
     return False
 
 
-def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> None:
+# One branch per change type: issue 14 gives each type its own module.
+def apply_change_to_schema(schema: dict, change: dict, path: str = "change") -> None:  # noqa: C901
     """Advance a (portable + native) schema by one change; PlanError when it does not apply."""
     tables = schema.setdefault("tables", {})
     native_all = schema.setdefault("native", {})
@@ -424,6 +426,54 @@ def _compare(left: dict, right: dict) -> list[str]:
     return differences
 
 
+def _record_rollbacks_of_the_changes_that_worked(
+    target: Target,
+    result: Plan,
+    count: int,
+    reverse_pass: Callable[[int], str | None],
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+) -> None:
+    """After change `count` failed: the rollback SQL of changes 0 .. count-1, for the report.
+
+    The failed change may have aborted the transaction (PostgreSQL): start over, replay the recorded
+    forward SQL of the changes that worked, and record their rollbacks (the plan is not ok anyway; the
+    first error stays the forward one)."""
+    rollback_transaction(target)
+    begin(target, lock_timeout_ms, statement_timeout_ms)
+    try:
+        run_statements(target, [s for e in result.changes[:count] for s in e["statements"]])
+        reverse_pass(count)
+    except Exception:  # noqa: BLE001,S110 - only the report's rollback SQL is missing then
+        pass
+
+
+def _verify_forward_schema_then_rollback(
+    target: Target,
+    result: Plan,
+    count: int,
+    reverse_pass: Callable[[int], str | None],
+    *,
+    expected: dict,
+    before: dict,
+) -> None:
+    """After a forward pass that worked: the live schema must be `expected`; then the rollback of all
+    `count` changes runs and must restore `before` (sets forward_ok, error, rollback_verified)."""
+    differences = _compare(expected, introspect(target))
+    if differences:
+        result.forward_ok = False
+        result.error = "the schema after the changes is not the expected one: " + "; ".join(differences[:5])
+        return
+    result.error = reverse_pass(count)
+    if result.error is not None:
+        return
+    differences = _compare(before, introspect(target))
+    if differences:
+        result.error = "the rollback does not restore the schema: " + "; ".join(differences[:5])
+    else:
+        result.rollback_verified = True
+
+
 def plan(
     target: Target,
     changes: list[dict],
@@ -537,37 +587,13 @@ def plan(
                     renamed_to = [change["to"]] if change["type"] == "rename_table" else []
                     known_after.append(known([change["table"], *renamed_to]))
             if not result.forward_ok and states:
-                # The failed change may have aborted the transaction (PostgreSQL): start over, replay the
-                # recorded forward SQL of the changes that worked, and record their rollbacks for the
-                # report (the plan is not ok anyway; the first error stays the forward one).
-                rollback_transaction(target)
-                begin(target, lock_timeout_ms, statement_timeout_ms)
-                try:
-                    run_statements(
-                        target, [s for e in result.changes[: len(states)] for s in e["statements"]]
-                    )
-                    reverse_pass(len(states))
-                except Exception:  # noqa: BLE001,S110 - only the report's rollback SQL is missing then
-                    pass
+                _record_rollbacks_of_the_changes_that_worked(
+                    target, result, len(states), reverse_pass, lock_timeout_ms, statement_timeout_ms
+                )
             if result.forward_ok:
-                actual = introspect(target)
-                differences = _compare(expected, actual)
-                if differences:
-                    result.forward_ok = False
-                    result.error = "the schema after the changes is not the expected one: " + "; ".join(
-                        differences[:5]
-                    )
-            if result.forward_ok:
-                result.error = reverse_pass(len(changes))
-                if result.error is None:
-                    restored = introspect(target)
-                    differences = _compare(schema_before, restored)
-                    if differences:
-                        result.error = "the rollback does not restore the schema: " + "; ".join(
-                            differences[:5]
-                        )
-                    else:
-                        result.rollback_verified = True
+                _verify_forward_schema_then_rollback(
+                    target, result, len(changes), reverse_pass, expected=expected, before=schema_before
+                )
         finally:
             rollback_transaction(target)
     for entry in result.changes:

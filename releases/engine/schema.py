@@ -15,10 +15,12 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from django.apps.registry import Apps
 from django.db import models
+from django.db.backends.utils import CursorWrapper
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
@@ -121,41 +123,56 @@ def parse_default(vendor: str, column_type: str, text: str | None, column: dict)
         return {"raw": raw}
 
 
+def _boolean_literal(literal: str) -> bool:
+    if literal in ("true", "1", "t"):
+        return True
+    if literal in ("false", "0", "f"):
+        return False
+    raise ValueError("not a boolean")
+
+
+def _datetime_literal(literal: str) -> str:
+    parsed = dt.datetime.fromisoformat(literal)
+    if parsed.tzinfo is None:  # SQLite stores naive UTC (USE_TZ)
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC).isoformat()
+
+
+def _binary_literal(vendor: str, literal: str) -> str:
+    if vendor == "postgresql" and literal.startswith("\\x"):
+        return base64.b64encode(bytes.fromhex(literal[2:])).decode("ascii")
+    raise ValueError("not a bytea literal")
+
+
+# The portable default of an unquoted-or-quoted literal, by column type (the types whose conversion
+# needs only the literal; strings, decimals and binary are handled in _convert_literal).
+_LITERAL_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "integer": int,
+    "bigint": int,
+    "smallint": int,
+    "boolean": _boolean_literal,
+    "date": lambda literal: dt.date.fromisoformat(literal).isoformat(),
+    "datetime": _datetime_literal,
+    "time": lambda literal: dt.time.fromisoformat(literal).isoformat(),
+    "float": lambda literal: repr(float(literal)),
+    "uuid": lambda literal: str(uuid.UUID(literal)),
+    "json": lambda literal: json.loads(canonical_json(json.loads(literal))),
+}
+
+
 def _convert_literal(vendor: str, column_type: str, literal: str, quoted: bool, column: dict) -> Any:
     if column_type in ("string", "text"):
         if not quoted:
             raise ValueError("unquoted")
         return literal
-    if column_type in ("integer", "bigint", "smallint"):
-        return int(literal)
-    if column_type == "boolean":
-        if literal in ("true", "1", "t"):
-            return True
-        if literal in ("false", "0", "f"):
-            return False
-        raise ValueError("not a boolean")
-    if column_type == "date":
-        return dt.date.fromisoformat(literal).isoformat()
-    if column_type == "datetime":
-        parsed = dt.datetime.fromisoformat(literal)
-        if parsed.tzinfo is None:  # SQLite stores naive UTC (USE_TZ)
-            parsed = parsed.replace(tzinfo=dt.UTC)
-        return parsed.astimezone(dt.UTC).isoformat()
-    if column_type == "time":
-        return dt.time.fromisoformat(literal).isoformat()
     if column_type == "decimal":
         return format_decimal(decimal.Decimal(literal), column.get("precision"), column.get("scale"))
-    if column_type == "float":
-        return repr(float(literal))
-    if column_type == "uuid":
-        return str(uuid.UUID(literal))
-    if column_type == "json":
-        return json.loads(canonical_json(json.loads(literal)))
     if column_type == "binary":
-        if vendor == "postgresql" and literal.startswith("\\x"):
-            return base64.b64encode(bytes.fromhex(literal[2:])).decode("ascii")
-        raise ValueError("not a bytea literal")
-    raise ValueError("native type")
+        return _binary_literal(vendor, literal)
+    convert = _LITERAL_CONVERTERS.get(column_type)
+    if convert is None:
+        raise ValueError("native type")
+    return convert(literal)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +239,7 @@ def _sqlite_type(declared: str, *, json_checked: bool, autoincrement: bool) -> d
 
 
 def _portable_column(**values: Any) -> dict[str, Any]:
-    column = {key: None for key in PORTABLE_KEYS}
+    column: dict[str, Any] = {key: None for key in PORTABLE_KEYS}
     column.update(nullable=True, unique=False, primary_key=False)
     column.update(values)
     if column["primary_key"]:
@@ -303,29 +320,13 @@ def _mentioned_columns(text: str, names: list[str]) -> list[str]:
     return [name for name in names if re.search(rf"(?<![a-z0-9_]){re.escape(name)}(?![a-z0-9_])", text, re.I)]
 
 
-def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
-    result: dict[str, Any] = {"tables": {}, "native": {}}
-    # Only the tables asked for are read (filtered in SQL: reading a whole large catalog per change
-    # made planning super-linear in the number of tables).
-    only, params = ("", None) if tables is None else (" AND c.relname = ANY(%s)", [sorted(tables)])
-
-    def rows(query: str) -> list[tuple]:
-        cursor.execute(query.format(only=only), params)
-        return cursor.fetchall()
-
-    with target.connection.cursor() as cursor:
-        column_rows = rows(_PG_COLUMNS)
-        constraint_rows = rows(_PG_CONSTRAINTS)
-        index_rows = rows(_PG_INDEXES)
-        trigger_rows = rows(_PG_TRIGGERS)
-        referenced = {row[0] for row in rows(_PG_REFERENCED)}
-
-    def wanted(table: str) -> bool:
-        return not is_internal_table(table) and (tables is None or table in tables)
-
+def _pg_read_constraints(
+    result: dict[str, Any], constraint_rows: list[tuple], wanted: Callable[[str], bool]
+) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+    """Primary keys and single-column unique constraints by table; every other constraint is a
+    blocker, mentioned for the columns it covers."""
     primary: dict[str, list[str]] = {}
     unique_columns: dict[str, set[str]] = {}
-    pending_mentions: list[tuple[str, str, list[str], str]] = []
     for table, name, contype, columns in constraint_rows:
         if not wanted(table):
             continue
@@ -346,6 +347,19 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
         else:
             native["blockers"].append(f"constraint {name} ({contype})")
             _mention(native, list(columns), f"constraint {name}")
+    return primary, unique_columns
+
+
+def _pg_read_indexes(
+    result: dict[str, Any],
+    index_rows: list[tuple],
+    wanted: Callable[[str], bool],
+    unique_columns: dict[str, set[str]],
+) -> list[tuple[str, str, list[str], str]]:
+    """Indexes that back no constraint: a single-column unique one makes its column unique; each is a
+    blocker (Django's `_like` pattern_ops indexes excepted). Returns (table, index, columns,
+    definition) for the column mentions, made once the column names are known."""
+    pending_mentions: list[tuple[str, str, list[str], str]] = []
     for (
         table,
         index_name,
@@ -367,6 +381,77 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
         else:
             native["blockers"].append(f"index {index_name}")
         pending_mentions.append((table, index_name, list(columns), definition.split(" USING ", 1)[-1]))
+    return pending_mentions
+
+
+def _pg_portable_column(
+    native: dict[str, Any],
+    name: str,
+    format_type: str,
+    *,
+    nullable: bool,
+    primary_key: bool,
+    unique: bool,
+    default_sql: str | None,
+    auto: bool,
+    generated: Any,
+    collated: Any,
+) -> dict[str, Any]:
+    """One catalog column as a portable column; what the portable form cannot carry goes to the
+    table's `native` (its identity/serial key, or a blocker)."""
+    column = _portable_column(
+        **_pg_type(format_type), nullable=nullable, primary_key=primary_key, unique=unique
+    )
+    if auto and primary_key:
+        native["auto_pk"] = name
+    elif auto:
+        native["blockers"].append(f"identity/serial column {name}")
+    if generated:
+        native["blockers"].append(f"generated column {name}")
+    if collated:
+        native["blockers"].append(f"collation on column {name}")
+    if not auto and not generated:
+        column["default"] = parse_default("postgresql", column["type"], default_sql, column)
+    if str(column["type"]).startswith("native:"):
+        native["blockers"].append(f"column {name} of type {format_type}")
+    if isinstance(column["default"], dict) and "raw" in column["default"]:
+        native["blockers"].append(f"default of {name} is not a literal")
+    return column
+
+
+def _pg_mention_index_columns(
+    result: dict[str, Any], pending_mentions: list[tuple[str, str, list[str], str]]
+) -> None:
+    """Each index is mentioned for its own columns and those its definition names (expressions)."""
+    for table, index_name, columns, definition in pending_mentions:
+        if table in result["tables"]:
+            names = result["tables"][table]["column_order"]
+            touched = sorted(set(columns) | set(_mentioned_columns(definition, names)))
+            _mention(result["native"][table], touched, f"index {index_name}")
+
+
+def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
+    result: dict[str, Any] = {"tables": {}, "native": {}}
+    # Only the tables asked for are read (filtered in SQL: reading a whole large catalog per change
+    # made planning super-linear in the number of tables).
+    only, params = ("", None) if tables is None else (" AND c.relname = ANY(%s)", [sorted(tables)])
+
+    def rows(query: str) -> list[tuple]:
+        cursor.execute(query.format(only=only), params)
+        return cursor.fetchall()
+
+    with target.connection.cursor() as cursor:
+        column_rows = rows(_PG_COLUMNS)
+        constraint_rows = rows(_PG_CONSTRAINTS)
+        index_rows = rows(_PG_INDEXES)
+        trigger_rows = rows(_PG_TRIGGERS)
+        referenced = {row[0] for row in rows(_PG_REFERENCED)}
+
+    def wanted(table: str) -> bool:
+        return not is_internal_table(table) and (tables is None or table in tables)
+
+    primary, unique_columns = _pg_read_constraints(result, constraint_rows, wanted)
+    pending_mentions = _pg_read_indexes(result, index_rows, wanted, unique_columns)
     for table, trigger in trigger_rows:
         if wanted(table):
             result["native"].setdefault(table, _new_native("postgresql"))["blockers"].append(
@@ -383,36 +468,21 @@ def _introspect_postgresql(target: Target, tables: set[str] | None) -> dict:
             continue
         entry = result["tables"].setdefault(table, {"columns": {}, "column_order": []})
         native = result["native"].setdefault(table, _new_native("postgresql"))
-        mapped = _pg_type(format_type)
-        is_primary = primary.get(table) == [name]
-        column = _portable_column(
-            **mapped,
+        column = _pg_portable_column(
+            native,
+            name,
+            format_type,
             nullable=not not_null,
-            primary_key=is_primary,
+            primary_key=primary.get(table) == [name],
             unique=name in unique_columns.get(table, set()),
+            default_sql=default_sql,
+            auto=bool(identity) or (default_sql is not None and default_sql.startswith("nextval(")),
+            generated=generated,
+            collated=collated,
         )
-        auto = bool(identity) or (default_sql is not None and default_sql.startswith("nextval("))
-        if auto and is_primary:
-            native["auto_pk"] = name
-        elif auto:
-            native["blockers"].append(f"identity/serial column {name}")
-        if generated:
-            native["blockers"].append(f"generated column {name}")
-        if collated:
-            native["blockers"].append(f"collation on column {name}")
-        if not auto and not generated:
-            column["default"] = parse_default("postgresql", column["type"], default_sql, column)
-        if str(column["type"]).startswith("native:"):
-            native["blockers"].append(f"column {name} of type {format_type}")
-        if isinstance(column["default"], dict) and "raw" in column["default"]:
-            native["blockers"].append(f"default of {name} is not a literal")
         entry["columns"][name] = column
         entry["column_order"].append(name)
-    for table, index_name, columns, definition in pending_mentions:
-        if table in result["tables"]:
-            names = result["tables"][table]["column_order"]
-            touched = sorted(set(columns) | set(_mentioned_columns(definition, names)))
-            _mention(result["native"][table], touched, f"index {index_name}")
+    _pg_mention_index_columns(result, pending_mentions)
     for table, columns in primary.items():
         if table in result["native"]:
             result["native"][table]["has_primary_key"] = True
@@ -447,6 +517,56 @@ def _sqlite_table_body_checks(sql: str) -> list[str]:
     return found
 
 
+def _sqlite_read_indexes(
+    cursor: CursorWrapper, native: dict[str, Any], quoted: str, info: list[tuple]
+) -> set[str]:
+    """The table's indexes: returns the columns a single-column unique one makes unique; plain ones
+    go to `native["indexes"]` (recreated on a rebuild), every other one is a blocker."""
+    cursor.execute(f"PRAGMA index_list({quoted})")
+    index_rows = cursor.fetchall()
+    unique_columns: set[str] = set()
+    for _seq, index_name, is_unique, origin, is_partial in index_rows:
+        cursor.execute(f"PRAGMA index_xinfo({_sqlite_quote(index_name)})")
+        key_columns = [row for row in cursor.fetchall() if row[5]]  # key columns only
+        names = [row[2] for row in key_columns if row[2] is not None]
+        has_expression = any(row[1] == -2 for row in key_columns)
+        if origin == "pk":
+            continue
+        if origin == "u" and is_unique and len(names) == 1 and not is_partial:
+            unique_columns.add(names[0])
+        elif origin == "c" and not is_unique and not is_partial and not has_expression:
+            native["indexes"].append({"name": index_name, "columns": names})
+            _mention(native, names, f"index {index_name}")
+        else:
+            native["blockers"].append(f"index {index_name}")
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [index_name])
+            index_sql = (cursor.fetchone() or [""])[0] or ""
+            table_columns_now = [row[1] for row in info]
+            _mention(
+                native,
+                sorted(set(names) | set(_mentioned_columns(index_sql, table_columns_now))),
+                f"index {index_name}",
+            )
+    return unique_columns
+
+
+def _sqlite_table_sql_blockers(native: dict[str, Any], sql: str, info: list[tuple]) -> None:
+    """Blockers read from the CREATE TABLE statement: checks, foreign keys, collations, table options."""
+    for check in _sqlite_table_body_checks(sql):
+        native["blockers"].append(f"check constraint {check[:60]}")
+        _mention(
+            native,
+            _mentioned_columns(check, [row[1] for row in info]),
+            f"check constraint {check[:60]}",
+        )
+    if re.search(r"\b(FOREIGN\s+KEY|REFERENCES)\b", sql, re.I):
+        native["blockers"].append("foreign key")
+    if re.search(r"\bCOLLATE\b", sql, re.I):
+        native["blockers"].append("collation")
+    if re.search(r"\)\s*(WITHOUT\s+ROWID|STRICT)", sql, re.I):
+        native["blockers"].append("WITHOUT ROWID/STRICT table")
+
+
 def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
     result: dict[str, Any] = {"tables": {}, "native": {}}
     with target.connection.cursor() as cursor:
@@ -460,51 +580,15 @@ def _introspect_sqlite(target: Target, tables: set[str] | None) -> dict:
             quoted = _sqlite_quote(table)
             native = _new_native("sqlite")
             result["native"][table] = native
-            entry = {"columns": {}, "column_order": []}
+            entry: dict[str, Any] = {"columns": {}, "column_order": []}
             result["tables"][table] = entry
             sql = sql or ""
             autoincrement = bool(re.search(r"\bAUTOINCREMENT\b", sql, re.I))
             cursor.execute(f"PRAGMA table_xinfo({quoted})")
             info = cursor.fetchall()
             primary = [row for row in info if row[5]]
-            cursor.execute(f"PRAGMA index_list({quoted})")
-            index_rows = cursor.fetchall()
-            unique_columns: set[str] = set()
-            for _seq, index_name, is_unique, origin, is_partial in index_rows:
-                cursor.execute(f"PRAGMA index_xinfo({_sqlite_quote(index_name)})")
-                key_columns = [row for row in cursor.fetchall() if row[5]]  # key columns only
-                names = [row[2] for row in key_columns if row[2] is not None]
-                has_expression = any(row[1] == -2 for row in key_columns)
-                if origin == "pk":
-                    continue
-                if origin == "u" and is_unique and len(names) == 1 and not is_partial:
-                    unique_columns.add(names[0])
-                elif origin == "c" and not is_unique and not is_partial and not has_expression:
-                    native["indexes"].append({"name": index_name, "columns": names})
-                    _mention(native, names, f"index {index_name}")
-                else:
-                    native["blockers"].append(f"index {index_name}")
-                    cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [index_name])
-                    index_sql = (cursor.fetchone() or [""])[0] or ""
-                    table_columns_now = [row[1] for row in info]
-                    _mention(
-                        native,
-                        sorted(set(names) | set(_mentioned_columns(index_sql, table_columns_now))),
-                        f"index {index_name}",
-                    )
-            for check in _sqlite_table_body_checks(sql):
-                native["blockers"].append(f"check constraint {check[:60]}")
-                _mention(
-                    native,
-                    _mentioned_columns(check, [row[1] for row in info]),
-                    f"check constraint {check[:60]}",
-                )
-            if re.search(r"\b(FOREIGN\s+KEY|REFERENCES)\b", sql, re.I):
-                native["blockers"].append("foreign key")
-            if re.search(r"\bCOLLATE\b", sql, re.I):
-                native["blockers"].append("collation")
-            if re.search(r"\)\s*(WITHOUT\s+ROWID|STRICT)", sql, re.I):
-                native["blockers"].append("WITHOUT ROWID/STRICT table")
+            unique_columns = _sqlite_read_indexes(cursor, native, quoted, info)
+            _sqlite_table_sql_blockers(native, sql, info)
             if len(primary) > 1:
                 native["blockers"].append("multi-column primary key")
             native["has_primary_key"] = bool(primary)
@@ -632,7 +716,7 @@ def native_fingerprint(target: Target) -> str:
 
 def python_default(column: dict) -> Any:
     """The Python value (or expression) Django's db_default needs for a portable default."""
-    value = column.get("default")
+    value: Any = column.get("default")
     column_type = column["type"]
     if value is None:
         return models.NOT_PROVIDED

@@ -14,6 +14,7 @@ from typing import Any
 
 import environ
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.utils import load_backend
 
 from releasemgr.core.scrub import scrub
@@ -134,7 +135,7 @@ def build_wrapper(
     return wrapper
 
 
-def _has_control_tables(cursor, vendor: str) -> bool:
+def _has_control_tables(cursor: CursorWrapper, vendor: str) -> bool:
     """Does the database hold every one of CONTROL_TABLES? (On SQLite this also touches the schema.)"""
     marks = ", ".join(["%s"] * len(CONTROL_TABLES))
     if vendor == "sqlite":

@@ -61,6 +61,25 @@ CHANGE_ARGS = ("table", "columns", "column", "from", "to")
 DRY_RUN_LABEL = "rel_tool_dry_run"
 
 
+def _op_argument_errors(op: str, attrs: dict[str, Any], given: list[str]) -> dict[str, str]:
+    """Field -> message for `op` given without one of its required arguments, with one that is not
+    its own, or with a `column` of the wrong shape for it."""
+    errors: dict[str, str] = {}
+    for name in REQUIRED[op]:
+        if name not in attrs:
+            errors[name] = f"This field is required for op {op}."
+    for name in given:
+        if name not in ALLOWED[op]:
+            errors[name] = f"Not an argument of op {op}."
+    column = attrs.get("column")
+    if "column" in attrs and "column" not in errors:
+        if op == "drop_column" and not isinstance(column, str):
+            errors["column"] = "For drop_column, the name of the column to drop."
+        elif op in ("add_column", "modify_column") and not isinstance(column, dict):
+            errors["column"] = f"For {op}, a column object with at least a name."
+    return errors
+
+
 class DbMigrateArgs(serializers.Serializer):
     op = serializers.ChoiceField(choices=CHANGE_TYPES, required=False)
     table = serializers.CharField(max_length=200, required=False)
@@ -100,19 +119,7 @@ class DbMigrateArgs(serializers.Serializer):
                 )
             attrs["raw_changes"] = None
             return attrs
-        errors: dict[str, str] = {}
-        for name in REQUIRED[op]:
-            if name not in attrs:
-                errors[name] = f"This field is required for op {op}."
-        for name in given:
-            if name not in ALLOWED[op]:
-                errors[name] = f"Not an argument of op {op}."
-        column = attrs.get("column")
-        if "column" in attrs and "column" not in errors:
-            if op == "drop_column" and not isinstance(column, str):
-                errors["column"] = "For drop_column, the name of the column to drop."
-            elif op in ("add_column", "modify_column") and not isinstance(column, dict):
-                errors["column"] = f"For {op}, a column object with at least a name."
+        errors = _op_argument_errors(op, attrs, given)
         if errors:
             raise serializers.ValidationError(errors)
         change: dict[str, Any] = {"type": op}

@@ -82,10 +82,10 @@ def render(template: str, payload: dict[str, Any], ctx: ToolContext | None = Non
         # The mail names the tenant the call is made for; a payload cannot present it as another's.
         context["tenant"] = ctx.tenant.slug
     try:
-        subject = render_to_string(f"emails/{template}.subject.txt", context)
+        subject: str = render_to_string(f"emails/{template}.subject.txt", context)
         text = render_to_string(f"emails/{template}.txt", context)
         try:
-            html = render_to_string(f"emails/{template}.html", context)
+            html: str = render_to_string(f"emails/{template}.html", context)
         except TemplateDoesNotExist:
             html = ""
     except TemplateDoesNotExist as exc:
