@@ -313,3 +313,129 @@ def test_refusal__stored_and_replayed__but_environment_busy_is_not(tenant):
     Environment.objects.filter(pk=environment.pk).update(lock_owner="", lock_expires_at=None)
     retried = post(client, "/api/releases/promote", {"release_id": release_id}, key="busy-1")
     assert retried.status_code == 200 and retried.json()["data"]["status"] == "promoted", retried.content
+
+
+# --- The lease: a key whose process died may be retried once its lease lapsed, and runs once -------
+
+
+def dead_reservation(tenant_obj, *, key: str, body: dict, lapsed: bool, path: str = "/api/releases/prepare"):
+    """What a web process killed mid-request leaves: a reservation without a response, its lease
+    lapsed (or not yet) because no heartbeat extends it any more."""
+    admin = get_user_model().objects.get(username="acme-admin")
+    offset = timedelta(seconds=-5 if lapsed else 45)
+    return IdempotencyRecord.objects.create(
+        tenant=tenant_obj,
+        user=admin,
+        key=key,
+        path=path,
+        request_sha256=request_fingerprint(method="POST", path=path, body=body),
+        owner="web-1:4242:deadbeef",
+        lease_expires_at=timezone.now() + offset,
+    )
+
+
+def test_lease__live__retry_is_409_in_progress_with_retry_after_and_nothing_run(tenant):
+    tenant_obj, client, _ = tenant
+    dead_reservation(tenant_obj, key="k-live", body=prepare_body(), lapsed=False)
+
+    response = post(client, "/api/releases/prepare", prepare_body(), key="k-live")
+
+    assert response.status_code == 409 and response.json()["success"] is False
+    assert response.json()["error"]["details"]["reason"] == "idempotency_request_in_progress"
+    assert 40 <= int(response["Retry-After"]) <= 45
+    assert Release.objects.count() == 0
+    assert IdempotencyRecord.objects.get(key="k-live").owner == "web-1:4242:deadbeef"
+
+
+def test_lease__lapsed__retry_takes_the_key_over_runs_once_and_stores_its_answer(tenant):
+    tenant_obj, client, _ = tenant
+    dead_reservation(tenant_obj, key="k-dead", body=prepare_body(), lapsed=True)
+
+    first = post(client, "/api/releases/prepare", prepare_body(), key="k-dead")
+    again = post(client, "/api/releases/prepare", prepare_body(), key="k-dead")
+
+    assert first.status_code == 201, first.content
+    assert "Idempotent-Replayed" not in first
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert Release.objects.count() == 1
+    assert AuditEvent.objects.filter(event="release.prepared").count() == 1
+    record = IdempotencyRecord.objects.get(key="k-dead")
+    assert record.status_code == 201 and record.owner != "web-1:4242:deadbeef"
+
+
+def test_lease__lapsed_reservation_of_another_request__not_taken_over_409_reused(tenant):
+    tenant_obj, client, _ = tenant
+    dead_reservation(tenant_obj, key="k-other", body=prepare_body(reason="first"), lapsed=True)
+
+    response = post(client, "/api/releases/prepare", prepare_body(reason="second"), key="k-other")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["details"]["reason"] == "idempotency_key_reused"
+    assert Release.objects.count() == 0
+    assert IdempotencyRecord.objects.get(key="k-other").owner == "web-1:4242:deadbeef"
+
+
+def test_lease__refusal_in_a_taken_over_run__stored_for_the_next_retry(tenant):
+    tenant_obj, client, _ = tenant
+    missing = {"release_id": "rel_20200101_0000"}
+    dead_reservation(tenant_obj, key="k-nf", body=missing, lapsed=True, path="/api/releases/promote")
+
+    first = post(client, "/api/releases/promote", missing, key="k-nf")
+    retry = post(client, "/api/releases/promote", missing, key="k-nf")
+
+    assert first.status_code == retry.status_code == 404
+    assert retry["Idempotent-Replayed"] == "true"
+
+
+def test_purge__a_day_old_key_whose_request_still_holds_a_live_lease__kept(tenant):
+    tenant_obj, client, _ = tenant
+    record = dead_reservation(tenant_obj, key="k-long", body=prepare_body(), lapsed=False)
+    IdempotencyRecord.objects.filter(pk=record.pk).update(created_at=timezone.now() - timedelta(hours=25))
+
+    response = post(client, "/api/releases/prepare", prepare_body(), key="k-long")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["details"]["reason"] == "idempotency_request_in_progress"
+    assert IdempotencyRecord.objects.filter(pk=record.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lease__lapsed__concurrent_retries__exactly_one_takes_over_and_runs(tenant):
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        pytest.skip("needs a control database that serves concurrent connections (PostgreSQL)")
+    tenant_obj, client, _ = tenant
+    dead_reservation(tenant_obj, key="k-herd", body=prepare_body(), lapsed=True)
+    credentials = client._credentials
+    results: list[tuple[int, dict, str | None]] = []
+    threads_count = 8
+    barrier = threading.Barrier(threads_count)
+
+    def worker():
+        own = APIClient()
+        own.credentials(**credentials)
+        barrier.wait()
+        try:
+            response = post(own, "/api/releases/prepare", prepare_body(), key="k-herd")
+            results.append((response.status_code, response.json(), response.get("Idempotent-Replayed")))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(results) == threads_count
+    assert Release.objects.count() == 1
+    assert AuditEvent.objects.filter(event="release.prepared").count() == 1
+    ran = [body for status, body, replayed in results if status == 201 and replayed is None]
+    assert len(ran) == 1, results
+    for status, body, _replayed in results:
+        if status == 201:
+            assert body == ran[0]
+        else:
+            assert status == 409 and body["error"]["details"]["reason"] == "idempotency_request_in_progress"
+    record = IdempotencyRecord.objects.get(key="k-herd")
+    assert record.status_code == 201 and record.owner != "web-1:4242:deadbeef"
