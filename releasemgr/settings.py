@@ -140,6 +140,13 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = RELEASE_MAX_BODY_BYTES
 # A release left promoting/rolling_back this long with no live lease is settled.
 RELEASE_STUCK_SECONDS = env.int("RELEASE_STUCK_SECONDS", default=20 * 60)
 RELEASE_LEASE_SECONDS = env.int("RELEASE_LEASE_SECONDS", default=60)
+# An Idempotency-Key whose request stopped extending its lease this long ago (its process died) may
+# be taken over by a retry; a live request extends it every third of that.
+IDEMPOTENCY_LEASE_SECONDS = env.float("IDEMPOTENCY_LEASE_SECONDS", default=60.0)
+if not 0 < IDEMPOTENCY_LEASE_SECONDS <= 24 * 3600:
+    raise ImproperlyConfigured(
+        f"IDEMPOTENCY_LEASE_SECONDS must be more than 0 and at most 86400, not {IDEMPOTENCY_LEASE_SECONDS}"
+    )
 APPROVAL_LINK_MAX_AGE = env.int("APPROVAL_LINK_MAX_AGE", default=24 * 3600)
 SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -227,8 +229,17 @@ class AuditEvent(models.Model):
         raise ValueError("audit events are append-only")
 
 
+def idempotency_lease_deadline():
+    """When a reservation taken now lapses unless its heartbeat extends it (IDEMPOTENCY_LEASE_SECONDS)."""
+    return timezone.now() + timedelta(seconds=settings.IDEMPOTENCY_LEASE_SECONDS)
+
+
 class IdempotencyRecord(models.Model):
-    """The first response to a POST carrying an Idempotency-Key, replayed on retries."""
+    """The first response to a POST carrying an Idempotency-Key, replayed on retries.
+
+    While the request runs (no status_code yet) the row is a lease: `owner` names the process that
+    runs it and `lease_expires_at` lapses unless that process's heartbeat extends it, so a retry can
+    take over the key of a process that died."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
@@ -238,6 +249,8 @@ class IdempotencyRecord(models.Model):
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     response_body = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    owner = models.CharField(max_length=100, blank=True, default="", help_text="host:pid:token of the runner")
+    lease_expires_at = models.DateTimeField(default=idempotency_lease_deadline)
 
     class Meta:
         constraints = [

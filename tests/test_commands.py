@@ -256,6 +256,88 @@ def test_tenant_setup__bad_slug__refused():
     assert error.value.returncode == 2 and "slug" in str(error.value)
 
 
+THREE_ENVS = ["--env=dev=sqlite:////tmp/d", "--env=staging=sqlite:////tmp/s", "--env=prod=sqlite:////tmp/p"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        # Longer than the columns hold: refused up front, not a database error on PostgreSQL.
+        (["--name=" + "n" * 201], "--name: Ensure this value has at most 200 characters"),
+        (['--flags=prod={"' + "f" * 101 + '": true}'], "at most 100 characters"),
+        (["--flags=qa={}"], "unknown stage 'qa'"),
+        (["--email=bob=not-an-address", "--admin=bob"], "'not-an-address' is not an e-mail address"),
+        (["--email=bob=bob@example.com"], "neither --admin nor --approver: ['bob']"),
+        (["--email=bad name=bob@example.com", "--admin=bob"], "Invalid user name 'bad name'"),
+        (["--unknown-option"], "unrecognized arguments: --unknown-option"),
+    ],
+)
+def test_tenant_setup__more_bad_input__clear_error_exit_2_nothing_saved(arguments, message):
+    with pytest.raises(CommandError) as error:
+        run("tenant_setup", "acme", *THREE_ENVS, *arguments)
+
+    assert error.value.returncode == 2 and message in str(error.value), str(error.value)
+    assert not Tenant.objects.exists() and not get_user_model().objects.exists()
+
+
+@pytest.mark.django_db
+def test_tenant_setup__options_as_keywords__parsed_by_the_same_types(sqlite_database_factory):
+    with pytest.raises(CommandError) as error:
+        run("tenant_setup", "acme", env=["dev=sqlite:////tmp/d", "staging=mysql://u:pw@h/db"])
+    assert error.value.returncode == 2 and "--env: staging: unsupported target database scheme" in str(
+        error.value
+    )
+    assert "pw" not in str(error.value)
+
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    out, _ = run(
+        "tenant_setup",
+        "acme",
+        env=[f"{stage}={url}" for stage, url in urls.items()],
+        admin=["alice"],
+        flags=['dev={"beta": true}'],
+        json=True,
+    )
+    assert json.loads(out)["members"] == {"alice": "admin"}
+    dev = Environment.objects.get(tenant__slug="acme", stage="dev")
+    assert dev.database_url == urls["dev"] and dev.flags.get(name="beta").value is True
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["no spaces!"], "argument slug: Invalid tenant slug 'no spaces!'"),
+        (["acme", "--env=dev=sqlite:////tmp/d", "--env=dev=sqlite:////tmp/e"], "--env: dev is given twice."),
+    ],
+)
+def test_tenant_setup__bad_input_on_the_command_line__exit_2_message_no_traceback(
+    tmp_path, arguments, message
+):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'control.sqlite3'}",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+    }
+    completed = subprocess.run(
+        [sys.executable, "manage.py", "tenant_setup", *arguments],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    assert completed.stdout == ""
+
+
 # --- tokens ------------------------------------------------------------------------------------
 
 
