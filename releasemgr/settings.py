@@ -202,9 +202,16 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {
         "releases": env.str("THROTTLE_RELEASES", default="120/min"),
         "tools": env.str("THROTTLE_TOOLS", default="120/min"),
+        # Failed bearer-token authentications per client address (tenants.auth): past it, every
+        # token from that address gets 429 until the budget refills.
+        "token_failures": env.str("THROTTLE_TOKEN_FAILURES", default="20/min"),
     },
 }
-for _name, _rate in (("THROTTLE_RELEASES", "releases"), ("THROTTLE_TOOLS", "tools")):
+for _name, _rate in (
+    ("THROTTLE_RELEASES", "releases"),
+    ("THROTTLE_TOOLS", "tools"),
+    ("THROTTLE_TOKEN_FAILURES", "token_failures"),
+):
     # DRF reads a rate at request time: a malformed one would be a 500 on every request.
     if not re.fullmatch(
         r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)",

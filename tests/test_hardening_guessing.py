@@ -157,3 +157,133 @@ def test_api_throttle__3_processes_of_8_threads_on_redis__exactly_the_allowed_nu
         assert process.returncode == 0, stderr
     counts = [int(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
     assert sum(counts) == 100, counts  # of 960 attempts
+
+
+# --- Failed bearer tokens are throttled per client address ---------------------------------------
+
+
+@pytest.fixture
+def acme(sqlite_database_factory):
+    from django.contrib.auth import get_user_model
+
+    from tenants.services import tenant_setup, token_issue
+
+    urls = {stage: sqlite_database_factory() for stage in ("dev", "staging", "prod")}
+    tenant = tenant_setup(slug="acme", environments=urls, admins=["acme-admin"])
+    _, token = token_issue(tenant=tenant, user=get_user_model().objects.get(username="acme-admin"))
+    return token
+
+
+def bearer(token: str, address: str = "127.0.0.1"):
+    from rest_framework.test import APIClient
+
+    client = APIClient(REMOTE_ADDR=address)
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_TENANT_SLUG="acme")
+    return client
+
+
+def random_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def throttled_events():
+    from releases.models import AuditEvent
+
+    return list(AuditEvent.objects.filter(event="auth.token_failures_throttled"))
+
+
+@pytest.mark.django_db
+def test_token_guessing__300_random_tokens__budget_of_401s_then_429_and_one_audit_event(acme):
+    with with_rate("token_failures", "20/hour"):
+        responses = [bearer(random_token()).get("/api/releases/") for _ in range(300)]
+        valid_from_there = bearer(acme).get("/api/releases/")
+        valid_from_elsewhere = bearer(acme, "10.1.2.3").get("/api/releases/")
+        wrong_from_elsewhere = bearer(random_token(), "10.1.2.3").get("/api/releases/")
+
+    statuses = [response.status_code for response in responses]
+    assert statuses == [401] * 20 + [429] * 280  # was 300 x 401
+    refused = responses[-1]
+    assert refused.json()["success"] is False
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused["Retry-After"]) <= 180  # 20/hour: the next failure passes within 180 s
+    # Past the budget a valid token is refused alike, so a 429 tells nothing about the guess.
+    assert valid_from_there.status_code == 429
+    assert valid_from_elsewhere.status_code == 200
+    assert wrong_from_elsewhere.status_code == 401
+    [event] = throttled_events()
+    assert event.tenant is None and event.client_address == "127.0.0.1"
+    assert event.payload == {"address": "127.0.0.1", "rate": "20/hour", "claimed_tenant": "acme"}
+
+
+@pytest.mark.django_db
+def test_token_guessing__default_rate__20_failures_per_minute(acme):
+    from rest_framework.settings import api_settings
+
+    assert api_settings.DEFAULT_THROTTLE_RATES["token_failures"] == "20/min"
+    statuses = [
+        bearer(random_token()).post("/api/tools/execute", {}, format="json").status_code for _ in range(40)
+    ]
+    assert statuses[:20] == [401] * 20
+    assert statuses.count(401) <= 21 and statuses[-1] == 429  # one more passes every 3 s
+
+
+@pytest.mark.django_db
+def test_token_guessing__valid_tokens_spend_nothing__budget_refills(acme):
+    with with_rate("token_failures", "2/s"):
+        assert {bearer(acme).get("/api/releases/").status_code for _ in range(30)} == {200}
+        assert [bearer(random_token()).get("/api/releases/").status_code for _ in range(3)] == [401, 401, 429]
+        time.sleep(0.6)  # one failure every 0.5 s
+        assert [bearer(random_token()).get("/api/releases/").status_code for _ in range(2)] == [401, 429]
+        time.sleep(1.1)
+        assert bearer(acme).get("/api/releases/").status_code == 200
+    assert len(throttled_events()) == 1  # one event per address and period, not one per refusal
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_token_guessing__16_threads_on_redis__exactly_the_budget_of_401s(redis_url):
+    """The attack as it was run: 16 threads of random tokens; failures counted atomically in Redis."""
+    prefix = f"rm-guess-{uuid.uuid4().hex[:8]}"
+    statuses: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def attack() -> None:
+        from django.db import connection
+
+        try:
+            barrier.wait()
+            mine = [bearer(random_token(), "192.0.2.7").get("/api/releases/").status_code for _ in range(20)]
+            with lock:
+                statuses.extend(mine)
+        finally:
+            connection.close()
+
+    try:
+        with (
+            override_settings(CACHES=redis_caches(redis_url, prefix)),
+            with_rate("token_failures", "30/hour"),
+        ):
+            workers = [threading.Thread(target=attack) for _ in range(16)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(timeout=120)
+    finally:
+        drop_prefixed(redis_url, f"{prefix}:*")
+    assert len(statuses) == 320
+    assert statuses.count(401) == 30 and statuses.count(429) == 290
+    assert len(throttled_events()) == 1
+
+
+def test_token_failures_rate__malformed_in_the_environment__start_up_refused():
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "releasemgr.settings", "THROTTLE_TOKEN_FAILURES": "20"},
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "THROTTLE_TOKEN_FAILURES must be a positive number of requests" in result.stderr
