@@ -287,3 +287,122 @@ def test_token_failures_rate__malformed_in_the_environment__start_up_refused():
     )
     assert result.returncode != 0
     assert "THROTTLE_TOKEN_FAILURES must be a positive number of requests" in result.stderr
+
+
+# --- Admin logins lock out (django-axes) ---------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"  # noqa: S105 - a test user's
+
+
+@pytest.fixture
+def admin_user(db):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_superuser("root", "root@example.com", PASSWORD)
+
+
+def admin_login(password: str, address: str = "127.0.0.1", username: str = "root"):
+    from django.test import Client
+
+    client = Client(REMOTE_ADDR=address)
+    response = client.post("/admin/login/?next=/admin/", {"username": username, "password": password})
+    return client, response
+
+
+def test_admin_login__5_wrong_passwords__locked_out_429_even_with_the_right_one(admin_user):
+    statuses = [admin_login(f"guess-{n}")[1].status_code for n in range(4)]
+    assert statuses == [200] * 4  # the login form again, with its error
+
+    _, fifth = admin_login("guess-5")
+    assert fifth.status_code == 429
+    page = fifth.content.decode()
+    assert "Too many failed logins" in page and "15 minutes" in page
+    assert fifth["Retry-After"] == "900"
+
+    client, right = admin_login(PASSWORD)
+    assert right.status_code == 429  # locked: the right password does not get in either
+    assert "_auth_user_id" not in client.session
+    assert client.get("/admin/").status_code == 302  # to the login page
+
+    # The lockout is per username and address: the owner logging in from elsewhere is not locked out.
+    client, elsewhere = admin_login(PASSWORD, address="10.9.8.7")
+    assert elsewhere.status_code == 302 and elsewhere["Location"] == "/admin/"
+    assert client.get("/admin/").status_code == 200
+
+
+def test_admin_login__100_wrong_passwords__all_but_4_refused_without_checking(admin_user, monkeypatch):
+    """The attack as it was run: 100 guesses. Past the limit no password is even checked."""
+    from django.contrib.auth.backends import ModelBackend
+
+    checked = []
+    original = ModelBackend.authenticate
+
+    def counting(self, request, username=None, password=None, **kwargs):
+        checked.append(password)
+        return original(self, request, username=username, password=password, **kwargs)
+
+    monkeypatch.setattr(ModelBackend, "authenticate", counting)
+    statuses = [admin_login(f"guess-{n}")[1].status_code for n in range(100)]
+    assert statuses == [200] * 4 + [429] * 96
+    assert len(checked) == 5
+
+
+def test_admin_login__after_the_cool_off__allowed_again_and_a_success_resets(admin_user):
+    from datetime import timedelta
+
+    from axes.models import AccessAttempt
+
+    for n in range(5):
+        admin_login(f"guess-{n}")
+    assert admin_login(PASSWORD)[1].status_code == 429
+    AccessAttempt.objects.update(attempt_time=models_now() - timedelta(minutes=16))
+    _, response = admin_login(PASSWORD)
+    assert response.status_code == 302
+    # A success resets the count: four more failures do not lock out.
+    assert [admin_login(f"again-{n}")[1].status_code for n in range(4)] == [200] * 4
+
+
+def models_now():
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+def test_admin_login__operator_unlocks_with_axes_reset(admin_user):
+    from django.core.management import call_command
+
+    for n in range(5):
+        admin_login(f"guess-{n}")
+    assert admin_login(PASSWORD)[1].status_code == 429
+    call_command("axes_reset_username", "root")
+    assert admin_login(PASSWORD)[1].status_code == 302
+
+
+def test_admin_login__client_login_with_a_request__still_works(admin_user):
+    """Django's test Client.login() passes no request, which axes refuses: tests pass one (or force_login)."""
+    from django.http import HttpRequest
+    from django.test import Client
+
+    client = Client()
+    request = HttpRequest()
+    request.META["REMOTE_ADDR"] = "127.0.0.1"
+    assert client.login(request=request, username="root", password=PASSWORD)
+    assert client.get("/admin/").status_code == 200
+
+
+def test_admin_login__guessing_on_during_the_lockout__restarts_the_cool_off(admin_user):
+    from datetime import timedelta
+
+    from axes.models import AccessAttempt
+
+    def minutes_pass(minutes: int) -> None:
+        AccessAttempt.objects.update(attempt_time=models_now() - timedelta(minutes=minutes))
+
+    for n in range(5):
+        admin_login(f"guess-{n}")
+    minutes_pass(10)
+    assert admin_login("guess-during")[1].status_code == 429  # the 15 minutes start again
+    minutes_pass(10)
+    assert admin_login(PASSWORD)[1].status_code == 429
+    minutes_pass(16)
+    assert admin_login(PASSWORD)[1].status_code == 302
