@@ -11,6 +11,16 @@ client_address_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+def client_address(request) -> str | None:
+    """The address a request came from, as every throttle and lockout counts it: REMOTE_ADDR.
+
+    X-Forwarded-For is never read: any client can send it, and would get a fresh budget per value.
+    Behind a reverse proxy REMOTE_ADDR is the proxy's unless the server in front of Django sets it
+    to the client's (README, "Throttling and lockout").
+    """
+    return request.META.get("REMOTE_ADDR") or None
+
+
 class RequestContextMiddleware:
     """Give every request an id (X-Request-ID if the client sent a sane one) and remember its address."""
 
@@ -22,7 +32,7 @@ class RequestContextMiddleware:
         request_id = incoming if incoming.isascii() and 0 < len(incoming) <= 64 else uuid.uuid4().hex
         request.request_id = request_id
         token_id = request_id_var.set(request_id)
-        token_address = client_address_var.set(request.META.get("REMOTE_ADDR") or None)
+        token_address = client_address_var.set(client_address(request))
         try:
             response = self.get_response(request)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -64,6 +65,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "auditlog",
+    "axes",
     "tenants",
     "releases",
     "tools",
@@ -79,6 +81,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
+    # Last: turns a login refused by the lockout into the lockout page (429).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "releasemgr.urls"
@@ -113,6 +117,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60 if IS_PRODUCTION else 0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# django-axes first: it refuses a locked-out username+address before any password is checked.
+# It needs the request in authenticate(): Django's login views pass it; a test logs in with
+# force_login, or Client.login(request=HttpRequest(), ...).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -165,6 +177,21 @@ if not FIELD_ENCRYPTION_KEYS:
         _key_file.chmod(0o600)
     FIELD_ENCRYPTION_KEYS = [_key_file.read_text().strip()]
 
+# --- Admin login lockout (django-axes) ----------------------------------------------------
+# ADMIN_LOGIN_FAILURE_LIMIT failed logins for one username from one address lock that pair out
+# for ADMIN_LOGIN_COOLOFF_MINUTES (another failure meanwhile starts the cool-off again); a
+# success resets the count. Failures are rows in the control database (AccessAttempt), shared by
+# every process. Unlock early with `manage.py axes_reset` (or axes_reset_username / _ip).
+AXES_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
+_cooloff_minutes = env.int("ADMIN_LOGIN_COOLOFF_MINUTES", default=15)
+if AXES_FAILURE_LIMIT < 1 or _cooloff_minutes < 1:
+    raise ImproperlyConfigured("ADMIN_LOGIN_FAILURE_LIMIT and ADMIN_LOGIN_COOLOFF_MINUTES must be positive")
+AXES_COOLOFF_TIME = timedelta(minutes=_cooloff_minutes)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "releasemgr.context.client_address"  # REMOTE_ADDR, as the API throttles
+AXES_LOCKOUT_CALLABLE = "releasemgr.lockout.lockout_response"
+
 # --- Celery -----------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="")
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
@@ -209,9 +236,16 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {
         "releases": env.str("THROTTLE_RELEASES", default="120/min"),
         "tools": env.str("THROTTLE_TOOLS", default="120/min"),
+        # Failed bearer-token authentications per client address (tenants.auth): past it, every
+        # token from that address gets 429 until the budget refills.
+        "token_failures": env.str("THROTTLE_TOKEN_FAILURES", default="20/min"),
     },
 }
-for _name, _rate in (("THROTTLE_RELEASES", "releases"), ("THROTTLE_TOOLS", "tools")):
+for _name, _rate in (
+    ("THROTTLE_RELEASES", "releases"),
+    ("THROTTLE_TOOLS", "tools"),
+    ("THROTTLE_TOKEN_FAILURES", "token_failures"),
+):
     # DRF reads a rate at request time: a malformed one would be a 500 on every request.
     if not re.fullmatch(
         r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
+
+from releasemgr.core import ratelimit
 
 
 class TenantScopedRateThrottle(ScopedRateThrottle):
@@ -15,11 +15,13 @@ class TenantScopedRateThrottle(ScopedRateThrottle):
     DRF's SimpleRateThrottle keeps one timestamp per request of the period and reads, trims and
     writes that whole list on every request: its cost grows with the rate (measured 18 us per
     request with a short list, 168 us at 5,000 entries, 330 us at a rate of 1,000,000/hour). This
-    one keeps a single number per client, the GCRA's "theoretical arrival time" (the algorithm of
-    ATM cell-rate policing, also behind redis-cell): a rate of N per period P lets N requests
-    through at once, then one every P/N, and a refused request is told exactly when the next one
-    passes. Like DRF's, the read and write are two cache calls, not one atomic step, so two
-    processes racing on the same key may both pass.
+    one keeps a single number per client, the GCRA's "theoretical arrival time" (see
+    releasemgr.core.ratelimit): a rate of N per period P lets N requests through at once, then one
+    every P/N, and a refused request is told exactly when the next one passes.
+
+    The decision is atomic (DRF's read and write are two cache calls, and 16 threads let through
+    twice the rate): with a Redis cache it is one Lua script on the server, shared by every thread
+    and process; with the local-memory cache a lock in the process (each process counts alone).
 
     DRF copies DEFAULT_THROTTLE_RATES into a class attribute at import; reading api_settings on each
     request makes a changed setting (tests, a reload) take effect. A token is bound to one tenant,
@@ -54,17 +56,10 @@ class TenantScopedRateThrottle(ScopedRateThrottle):
         # carrying a wait computed for the old one.
         self.key = f"{self.key}_{self.num_requests}_{self.duration}"
         self.now = self.timer()
-        if self.num_requests <= 0:  # "0/min" (settings refuse it at start-up): nothing passes, as in DRF
-            self._wait = self.duration
-            return False
-        interval = self.duration / self.num_requests
-        arrival = max(self.cache.get(self.key, self.now), self.now)
-        passes_from = arrival + interval - self.duration
-        if self.now < passes_from:
-            self._wait = passes_from - self.now
-            return False
-        self.cache.set(self.key, arrival + interval, math.ceil(self.duration))
-        return True
+        decision = ratelimit.take(self.cache, self.key, self.num_requests, self.duration, now=self.now)
+        if not decision.allowed:
+            self._wait = decision.wait
+        return decision.allowed
 
     def wait(self) -> float | None:
         return getattr(self, "_wait", None)

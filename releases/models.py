@@ -195,9 +195,15 @@ class AppendOnlyQuerySet(models.QuerySet):
 
 
 class AuditEvent(models.Model):
-    """An append-only domain event: release.prepared, .promoted, .failed, .rollback, .approved, ..."""
+    """An append-only domain event: release.prepared, .promoted, .failed, .rollback, .approved, ...
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="audit_events")
+    `tenant` is empty only for events about no tenant, such as auth.token_failures_throttled (a
+    client address guessing tokens): the superusers' view of the log shows those.
+    """
+
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="audit_events"
+    )
     release = models.ForeignKey(
         Release, null=True, blank=True, on_delete=models.PROTECT, related_name="audit_events"
     )

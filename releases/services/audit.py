@@ -15,13 +15,16 @@ from ..models import AuditEvent, Release
 def audit_record(
     *,
     event: str,
-    tenant: Tenant,
+    tenant: Tenant | None,
     release: Release | None = None,
     environment: Environment | None = None,
     actor: AbstractBaseUser | None = None,
     payload: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append a domain event; call it inside the transaction of the change it describes."""
+    """Append a domain event; call it inside the transaction of the change it describes.
+
+    `tenant` is None only for an event about no tenant (auth.token_failures_throttled).
+    """
     if environment is None and release is not None:
         environment = release.to_environment
     return AuditEvent.objects.create(
