@@ -22,6 +22,7 @@ from releasemgr.api import ApiError
 from tenants.admin import has_tenant_role
 from tenants.models import PIPELINE, Environment, Role, Tenant
 from tenants.selectors import flags_of
+from tenants.targets import open_environment
 
 from . import engine
 from .models import Approval, Release, ReleaseStatus
@@ -215,7 +216,7 @@ def _report(request: HttpRequest, release: Release, operation: Operation) -> boo
 def schema_fingerprint(environment: Environment) -> dict[str, str]:
     """The target's current portable fingerprint, or "unreachable" with a scrubbed reason."""
     try:
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             return {"fingerprint": engine.fingerprint(engine.introspect(target)), "error": ""}
     except engine.TargetError as exc:
         return {"fingerprint": "", "error": str(exc) or "unreachable"}

@@ -16,6 +16,7 @@ from releasemgr.schema import RELEASE_ID_PATH, envelope, error_responses
 from releasemgr.throttling import TenantScopedRateThrottle
 from tenants.auth import IsTenantAdmin, IsTenantApprover, IsTenantMember
 from tenants.selectors import environment_list, flags_of
+from tenants.targets import open_environment
 
 from .. import engine, selectors, services
 from ..models import ApprovalDecision, ReleaseStatus
@@ -326,7 +327,7 @@ class EnvironmentListView(APIView):
                 "busy": bool(environment.lock_owner),
             }
             try:
-                with engine.open_target(environment.database_url) as target:
+                with open_environment(environment) as target:
                     entry["schema_fingerprint"] = engine.fingerprint(engine.introspect(target))
                     entry["reachable"] = True
             except engine.TargetError as exc:

@@ -24,6 +24,14 @@ class TargetError(RuntimeError):
         self.message = message
 
 
+class TargetRefused(TargetError):
+    """The target is reachable but is not one releasemgr may touch (`target_refused`): releasemgr's own
+    control database, a database another tenant's environment already claimed, a database other than
+    the one this environment was first opened on, or a SQLite file outside TARGETS_DIR."""
+
+    code = "target_refused"
+
+
 class PlanError(ValueError):
     """The changes cannot be planned against this schema (`validation_error` or `unsupported_table`)."""
 
