@@ -64,7 +64,9 @@ def pg_tables(name: str) -> list[str]:
 
 def sqlite_tables(path: str | Path) -> list[str]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")]
+        return [
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")
+        ]
 
 
 def spellings(url: str) -> dict[str, str]:
@@ -72,7 +74,7 @@ def spellings(url: str) -> dict[str, str]:
     name = pg_name(url)
     return {
         "127.1": f"postgres://{PG_USER}@127.1:{PG_PORT}/{name}",
-        "0.0.0.0": f"postgres://{PG_USER}@0.0.0.0:{PG_PORT}/{name}",
+        "0.0.0.0": f"postgres://{PG_USER}@0.0.0.0:{PG_PORT}/{name}",  # noqa: S104 - the attack spelling
         "2130706433": f"postgres://{PG_USER}@2130706433:{PG_PORT}/{name}",
         "localhost": f"postgres://{PG_USER}@localhost:{PG_PORT}/{name}",
         "?dbname=": f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/rm_decoy?dbname={name}",
@@ -80,7 +82,7 @@ def spellings(url: str) -> dict[str, str]:
     }
 
 
-SPELLINGS = ["127.1", "0.0.0.0", "2130706433", "localhost", "?dbname=", "?hostaddr="]
+SPELLINGS = list(spellings("postgres://any/name"))
 
 
 def tenant_with_api(slug: str, urls: dict[str, str]):
@@ -191,9 +193,7 @@ def test_promote__url_repointed_while_promoting__the_task_refuses_too(two_pg_ten
     response = b["api"].post("/api/releases/promote", {"release_id": release_id}, format="json")
 
     release = Release.objects.get(release_id=release_id)
-    assert release.status == ReleaseStatus.FAILED and release.error_code == "target_refused", (
-        response.content
-    )
+    assert release.status == ReleaseStatus.FAILED and release.error_code == "target_refused", response.content
     assert pg_tables(pg_name(a["urls"]["prod"])) == []
 
 
@@ -445,7 +445,8 @@ def test_claims_race__two_tenants_claim_one_database__never_both():
     identity = engine.TargetIdentity(key="postgresql:1:1")
     tenants = [tenant_setup(slug=f"racer{i}", environments={}) for i in range(2)]
     environments = [
-        Environment.objects.create(tenant=tenant, stage="dev", database_url_encrypted="x") for tenant in tenants
+        Environment.objects.create(tenant=tenant, stage="dev", database_url_encrypted="x")
+        for tenant in tenants
     ]
     # Sequential stand-in for the race's worst interleaving: both wrote their claim before either checked.
     Environment.objects.filter(pk=environments[0].pk).update(target_identity=identity.key)
@@ -453,3 +454,20 @@ def test_claims_race__two_tenants_claim_one_database__never_both():
         claim_identity(environments[1], identity)
     environments[1].refresh_from_db()
     assert environments[1].target_identity == ""
+
+
+def test_source__every_open_of_an_environments_target_goes_through_open_environment():
+    """`engine.open_target(<environment>.database_url)` would skip the identity check."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for package in ("releases", "tenants", "tools", "releasemgr"):
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            for match in re.finditer(r"open_target\(([^)]*)\)", text):
+                if "database_url" in match.group(1):
+                    offenders.append(f"{path.relative_to(root)}: {match.group(0)}")
+    assert offenders == [
+        "tenants/targets.py: open_target(environment.database_url, lock_timeout_ms=lock_timeout_ms)"
+    ]
