@@ -197,6 +197,29 @@ def test_promote__url_repointed_while_promoting__the_task_refuses_too(two_pg_ten
     assert pg_tables(pg_name(a["urls"]["prod"])) == []
 
 
+def test_rollback__beta_staging_repointed_after_promote_to_alphas_staging__409_and_alpha_untouched(
+    two_pg_tenants,
+):
+    a, b = two_pg_tenants
+    response = prepare(b["api"])
+    release_id = response.json()["data"]["release_id"]
+    response = b["api"].post("/api/releases/promote", {"release_id": release_id}, format="json")
+    assert response.json()["data"]["status"] == "promoted", response.content
+    # alpha's staging now has a table of that name too: a rollback reaching it would drop it
+    with engine.open_target(a["urls"]["staging"]) as target, target.connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE pwned (id integer PRIMARY KEY, note text)")
+    store_url(
+        Environment.objects.get(tenant=b["tenant"], stage="staging"),
+        spellings(a["urls"]["staging"])["2130706433"],
+    )
+
+    response = b["api"].post("/api/releases/rollback", {"release_id": release_id}, format="json")
+
+    assert_refused(response)
+    assert Release.objects.get(release_id=release_id).status == ReleaseStatus.PROMOTED
+    assert pg_tables(pg_name(a["urls"]["staging"])) == ["pwned"]
+
+
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_admin__beta_admin_sets_another_spelling_of_alphas_prod__form_error_url_unchanged(
     two_pg_tenants, spelling
