@@ -293,7 +293,7 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
         if not path.is_file():
             raise TargetError(
                 "the SQLite target file does not exist; opening a target never creates one "
-                "(create it explicitly, e.g. with bootstrap_demo or `tenant_setup --create`)"
+                "(create the file under TARGETS_DIR first)"
             )
         database_name = str(path)
         # mode=rw: an open never creates the file (Django opens SQLite with uri=True).
@@ -332,6 +332,8 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
             raise TargetError(
                 f"cannot connect to the target database: {target.scrub(str(exc)).strip()}"
             ) from None
+        if vendor == "sqlite" and target.identity.key != f"sqlite:{database_name}":
+            raise TargetRefused("the SQLite target's path changed while it was opened")
         own = control_identity()
         if control or (own is not None and own.same_database(target.identity.key, target.identity.file_id)):
             raise TargetRefused(
