@@ -20,6 +20,7 @@ tenant could claim it first is only that of an unreachable database. Refusals ra
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from django.db.models import Q
@@ -29,6 +30,8 @@ from releases import engine
 from releases.engine.target import DEFAULT_LOCK_TIMEOUT_MS
 
 from .models import Environment
+
+logger = logging.getLogger("tenants.targets")
 
 ANOTHER_TENANT = "This database is already the target database of another tenant."
 
@@ -97,9 +100,26 @@ def open_environment(
     environment: Environment, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
 ) -> Iterator[engine.Target]:
     """`engine.open_target` on the environment's URL, verified (and claimed) before it is yielded."""
-    with engine.open_target(environment.database_url, lock_timeout_ms=lock_timeout_ms) as target:
-        verify_environment_target(environment, target)
-        yield target
+    opened = False
+    try:
+        with engine.open_target(environment.database_url, lock_timeout_ms=lock_timeout_ms) as target:
+            verify_environment_target(environment, target)
+            opened = True
+            yield target
+    except engine.TargetRefused as exc:
+        if not opened:  # refused here, not by something the caller opened inside
+            _log_refusal(environment, exc)
+        raise
+
+
+def _log_refusal(environment: Environment, exc: engine.TargetRefused) -> None:
+    # Operators see who tried to reach what (never the URL): a tenant pointing at another's database.
+    logger.warning(
+        "target of %s refused: %s",
+        environment,
+        exc.message,
+        extra={"tenant": environment.tenant.slug, "environment": environment.stage, "code": exc.code},
+    )
 
 
 def read_identity(url: str) -> engine.TargetIdentity | None:
