@@ -60,6 +60,7 @@ def bench_env(workdir: Path, control_url: str) -> dict[str, str]:
             "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
             "BACKUP_DIR": str(workdir / "backups"),
+            "TARGETS_DIR": str(workdir),  # SQLite targets are confined to it
             # Throttled as in production, at a rate the benchmark never reaches (the throttle keeps one
             # number per client whatever the rate: releasemgr/throttling.py).
             "THROTTLE_RELEASES": "1000000/min",
@@ -174,14 +175,18 @@ def seed(workdir: Path, releases: int, clients: int) -> dict:
 
     django.setup()
     from benchmarks.seeding import releases_bulk
+    from releases import engine
     from releases.models import Release
     from tenants.services import tenant_setup, token_issue, user_ensure
 
     def targets(prefix: str) -> dict[str, str]:
-        return {
+        urls = {
             stage: f"sqlite:///{workdir / f'{prefix}_{stage}.sqlite3'}"
             for stage in ("dev", "staging", "prod")
         }
+        for url in urls.values():
+            engine.create_sqlite_target(url)  # an open never creates a target file
+        return urls
 
     tenant = tenant_setup(slug="bench", environments=targets("bench"), admins=["bench-admin"])
     admin = user_ensure(username="bench-admin")

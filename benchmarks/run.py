@@ -61,6 +61,7 @@ def configure_django(workdir: Path) -> None:
             "RELEASEMGR_ENV": "development",
             "DATABASE_URL": f"sqlite:///{workdir / 'control.sqlite3'}",
             "BACKUP_DIR": str(workdir / "backups"),
+            "TARGETS_DIR": str(workdir),  # SQLite targets are confined to it
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
             "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
             "EMAIL_URL": "consolemail://",
@@ -221,9 +222,11 @@ def measure(size: int, databases: PgDatabases, workdir: Path, profiler=None) -> 
     for url in (staging, twin):
         psql(url, seed)
     slug = f"bench{size}x{uuid.uuid4().hex[:6]}"
+    dev = f"sqlite:///{workdir / (slug + '_dev.sqlite3')}"
+    engine.create_sqlite_target(dev)  # an open never creates a target file
     tenant = tenant_setup(
         slug=slug,
-        environments={"dev": f"sqlite:///{workdir / (slug + '_dev.sqlite3')}", "staging": staging},
+        environments={"dev": dev, "staging": staging},
         admins=[f"{slug}-admin"],
     )
     user = get_user_model().objects.get(username=f"{slug}-admin")

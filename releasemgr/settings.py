@@ -144,6 +144,9 @@ FEATURE_FLAGS = json.loads(env.str("FEATURE_FLAGS", default="{}") or "{}")
 if not isinstance(FEATURE_FLAGS, dict):
     raise ImproperlyConfigured("FEATURE_FLAGS must be a JSON object")
 BACKUP_DIR = Path(env.str("BACKUP_DIR", default=str(VAR_DIR / "backups")))
+# SQLite target files live under this directory and nowhere else: a SQLite target URL whose real path
+# (symlinks and `..` resolved) is outside it is refused, and a missing file is never created by a read.
+TARGETS_DIR = Path(env.str("TARGETS_DIR", default=str(VAR_DIR / "targets")))
 HEALTH_TENANT = env.str("HEALTH_TENANT", default="primary")
 HEALTH_BROKER_TIMEOUT_SECONDS = env.float("HEALTH_BROKER_TIMEOUT_SECONDS", default=2.0)
 RELEASE_MAX_CHANGES = env.int("RELEASE_MAX_CHANGES", default=500)

@@ -15,6 +15,7 @@ from django.db.models.options import Options
 
 from releasemgr.core.errors import NotFound, ValidationFailed
 from tenants.models import Environment, Stage, Tenant
+from tenants.targets import open_environment
 
 from . import engine
 from .models import Approval, ApprovalDecision, Release, ReleaseStatus
@@ -334,7 +335,7 @@ def environment_fingerprint(*, environment: Environment) -> TargetFingerprint:
     admin's pipeline show). An unreachable target gives `reachable=False` with the engine's scrubbed
     reason; a URL or key that cannot even be read gives "could not be read" (logged), never an error."""
     try:
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             return TargetFingerprint(
                 fingerprint=engine.fingerprint(engine.introspect(target)), reachable=True
             )

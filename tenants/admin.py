@@ -13,11 +13,15 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.http import Http404, HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
+
+from releases import engine
 
 from .models import ApiToken, Environment, FeatureFlag, Membership, Role, Tenant
 from .selectors import environment_of_another_tenant
 from .services import token_issue, token_revoke
+from .targets import ANOTHER_TENANT, claim_identity, identity_conflict, read_identity
 
 # --- access by membership -------------------------------------------------------------------------
 
@@ -213,14 +217,32 @@ class EnvironmentForm(forms.ModelForm):
         tenant_id = tenant.pk if tenant else self.instance.tenant_id
         if value and environment_of_another_tenant(url=value, tenant_id=tenant_id):
             # Releases would run on that tenant's database without its approvals; which tenant is not said.
-            raise forms.ValidationError("This database is already the target database of another tenant.")
+            raise forms.ValidationError(ANOTHER_TENANT)
+        self._identity = None
+        if value:
+            # Whatever the spelling: the database the URL reaches, asked of its server. Unreachable
+            # now: saved unclaimed, and checked (and claimed) on its first open.
+            try:
+                self._identity = read_identity(value)
+            except engine.TargetRefused as exc:
+                raise forms.ValidationError(exc.message) from None
+            if self._identity is not None and identity_conflict(identity=self._identity, tenant_id=tenant_id):
+                raise forms.ValidationError(ANOTHER_TENANT)
         return value
 
     def save(self, commit: bool = True):
         value = self.cleaned_data.get("database_url")
         if value:
-            self.instance.database_url = value
-        return super().save(commit)
+            self.instance.database_url = value  # clears the claimed identity
+        environment = super().save(commit)
+        identity = getattr(self, "_identity", None)
+        if value and identity is not None:
+            if commit:
+                claim_identity(environment, identity)
+            else:  # the admin saves later (save_model): record it with that save
+                environment.target_identity, environment.target_file_id = identity.key, identity.file_id
+                environment.target_identity_at = timezone.now()
+        return environment
 
 
 class WriteOnlyDatabaseURL:

@@ -63,6 +63,19 @@ class Environment(models.Model):
         "releases.Release", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     lock_expires_at = models.DateTimeField(null=True, blank=True)
+    # What the target database is, read from its server on the first open after the URL was set
+    # (tenants.targets): every later open must find the same database, and no other tenant's
+    # environment may hold it. Cleared whenever the URL is set.
+    target_identity = models.TextField(
+        blank=True,
+        default="",
+        editable=False,
+        help_text="postgresql:<system_identifier>:<database oid> or sqlite:<real path>; empty until claimed.",
+    )
+    target_file_id = models.CharField(
+        max_length=100, blank=True, default="", editable=False, help_text="SQLite: <device>:<inode>."
+    )
+    target_identity_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -78,7 +91,11 @@ class Environment(models.Model):
 
     @database_url.setter
     def database_url(self, value: str) -> None:
+        """Set the URL and forget the claimed identity: the next open claims the database it reaches."""
         self.database_url_encrypted = crypto.encrypt(value)
+        self.target_identity, self.target_file_id, self.target_identity_at = "", "", None
+
+    IDENTITY_FIELDS = ("target_identity", "target_file_id", "target_identity_at")
 
     @property
     def database_url_masked(self) -> str:

@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import ApiToken, Environment, FeatureFlag, Membership, Role, Stage, Tenant
+from .targets import claim_identity, read_identity
 
 
 @transaction.atomic
@@ -41,6 +42,9 @@ def tenant_setup(
 def environment_set(
     *, tenant: Tenant, stage: str, database_url: str, flags: dict | None = None
 ) -> Environment:
+    """Create or update the environment; a URL that is set claims the database it reaches at once
+    (tenants.targets) and is refused (`TargetRefused`) when that is releasemgr's control database,
+    another tenant's database or a SQLite file outside TARGETS_DIR. Unreachable now: claimed on first open."""
     environment = Environment.objects.filter(tenant=tenant, stage=stage).first()
     if environment is None:
         environment = Environment(
@@ -51,19 +55,27 @@ def environment_set(
         )
         environment.database_url = database_url
         environment.save()
+        _claim_now(environment)
         initial = dict(settings.FEATURE_FLAGS)
         initial.update(flags or {})
         for flag_name, value in initial.items():
             FeatureFlag.objects.create(environment=environment, name=flag_name, value=value)
         return environment
-    if environment.database_url != database_url:
+    if database_url:  # set again, even unchanged: the explicit act that accepts a changed identity
         environment.database_url = database_url
-        environment.save(update_fields=["database_url_encrypted"])
+        environment.save(update_fields=["database_url_encrypted", *Environment.IDENTITY_FIELDS])
+        _claim_now(environment)
     for flag_name, value in (flags or {}).items():
         FeatureFlag.objects.update_or_create(
             environment=environment, name=flag_name, defaults={"value": value}
         )
     return environment
+
+
+def _claim_now(environment: Environment) -> None:
+    identity = read_identity(environment.database_url)
+    if identity is not None:
+        claim_identity(environment, identity)
 
 
 def user_ensure(*, username: str, password: str | None = None, is_staff: bool = True) -> AbstractBaseUser:

@@ -140,13 +140,34 @@ def pg_database_factory() -> Iterator:
             _PG_POOL.append(name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _targets_dir(tmp_path_factory) -> Iterator[Path]:
+    """SQLite targets are confined to TARGETS_DIR: this session's pytest base directory, so every
+    test's tmp_path is inside it (and so are the subprocesses' targets: they inherit the variable)."""
+    from django.conf import settings
+
+    root = tmp_path_factory.getbasetemp()
+    before_setting, before_env = settings.TARGETS_DIR, os.environ.get("TARGETS_DIR")
+    settings.TARGETS_DIR = root
+    os.environ["TARGETS_DIR"] = str(root)
+    yield root
+    settings.TARGETS_DIR = before_setting
+    if before_env is None:
+        os.environ.pop("TARGETS_DIR", None)
+    else:
+        os.environ["TARGETS_DIR"] = before_env
+
+
 @pytest.fixture
 def sqlite_database_factory(tmp_path):
-    """Create SQLite target files under the test's tmp_path; returns their URLs."""
+    """Create (empty) SQLite target files under the test's tmp_path; returns their URLs. Opening a
+    target never creates its file: creating one is this explicit act."""
     counter = iter(range(1_000_000))
 
     def make() -> str:
-        return f"sqlite:///{tmp_path / f'target_{next(counter)}.sqlite3'}"
+        path = tmp_path / f"target_{next(counter)}.sqlite3"
+        path.touch()
+        return f"sqlite:///{path}"
 
     return make
 

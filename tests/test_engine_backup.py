@@ -316,6 +316,7 @@ def test_backup__sqlite_only_missing_tables__no_file_and_nothing_to_back_up(
 def test_backup__sqlite_file_missing__error_and_target_not_created(sqlite_database_factory, tmp_path):
     url = sqlite_database_factory()
     target = Path(environ.Env.db_url_config(url)["NAME"])
+    target.unlink()  # the factory creates the file (opening a target never does)
     with pytest.raises(BackupError, match="does not exist"):
         backup(url, ["orders"], tmp_path / "b", "x")
     assert not target.exists()

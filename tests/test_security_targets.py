@@ -97,13 +97,37 @@ def set_url_in_admin(user, environment: Environment, url: str) -> None:
     )
 
 
-def test_prepare__tenant_admin_pointed_staging_at_a_control_database__503_and_its_tables_untouched(
+def test_admin__tenant_admin_points_staging_at_a_control_database__form_error_url_unchanged(
     acme, sqlite_database_factory
 ):
     control = sqlite_database_factory()
     make_control_lookalike(control)
     staging = Environment.objects.get(tenant=acme["tenant"], stage="staging")
-    set_url_in_admin(acme["admin"], staging, control)
+    before = staging.database_url
+    client = Client()
+    client.force_login(acme["admin"])
+    change = reverse("admin:tenants_environment_change", args=[staging.pk])
+    data = form_data(client.get(change))
+    data["database_url"] = control
+
+    response = client.post(change, data)
+
+    assert response.status_code == 200
+    assert "releasemgr&#x27;s own control database" in response.content.decode()
+    staging.refresh_from_db()
+    assert staging.database_url == before
+
+
+def test_prepare__staging_url_already_at_a_control_database__409_target_refused_and_its_tables_untouched(
+    acme, sqlite_database_factory
+):
+    """Changed from 503: a control database is refused (409 target_refused), not unreachable. The URL
+    is stored as one saved before the admin form checked it."""
+    control = sqlite_database_factory()
+    make_control_lookalike(control)
+    staging = Environment.objects.get(tenant=acme["tenant"], stage="staging")
+    staging.database_url = control
+    staging.save()
 
     response = acme["api"].post(
         "/api/releases/prepare",
@@ -111,7 +135,8 @@ def test_prepare__tenant_admin_pointed_staging_at_a_control_database__503_and_it
         format="json",
     )
 
-    assert response.status_code == 503, response.content
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "target_refused"
     assert "control database" in response.json()["error"]["message"]
     assert not Release.objects.exists()
     assert sqlite_columns(control, "tenants_tenant") == ["id"]

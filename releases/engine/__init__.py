@@ -11,11 +11,16 @@ import importlib
 from typing import Any
 
 from .bundle import CHANGE_TYPES, COLUMN_TYPES, canonical_json, normalize_bundle, sha256_hex
-from .errors import BundleError, EngineError, PlanError, TargetError, TargetLockedError
+from .errors import BundleError, EngineError, PlanError, TargetError, TargetLockedError, TargetRefused
 from .executor import ApplyResult, apply, history, purge_preserved, rollback, target_lock
 from .planner import Plan, check_dependencies, expected_schema, plan, statements_sha256
 from .schema import fingerprint, introspect, native_fingerprint
-from .target import Target, open_target
+from .target import (
+    Target,
+    TargetIdentity,
+    create_sqlite_target,
+    open_target,
+)
 
 # The parts other modules provide are imported here when present (so `engine.lint` is the function
 # even after someone imports `releases.engine.lint` directly); if one is missing or broken, the rest
@@ -66,11 +71,14 @@ __all__ = [
     "PlanError",
     "Target",
     "TargetError",
+    "TargetIdentity",
     "TargetLockedError",
+    "TargetRefused",
     "apply",
     "backup",
     "canonical_json",
     "check_dependencies",
+    "create_sqlite_target",
     "diff_schemas",
     "expected_schema",
     "fingerprint",

@@ -28,6 +28,14 @@ class TargetError(ApplicationError, RuntimeError):
         super().__init__(message)
 
 
+class TargetRefused(TargetError):
+    """The target is reachable but is not one releasemgr may touch (`target_refused`): releasemgr's own
+    control database, a database another tenant's environment already claimed, a database other than
+    the one this environment was first opened on, or a SQLite file outside TARGETS_DIR."""
+
+    code = ErrorCode.TARGET_REFUSED
+
+
 class PlanError(ApplicationError, ValueError):
     """The changes cannot be planned against this schema (`validation_error` or `unsupported_table`)."""
 

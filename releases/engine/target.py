@@ -2,24 +2,39 @@
 
 The wrapper lives under a unique alias that is never `default` and is never added to the global
 `django.db.connections` (that handler is iterated by other threads); it is closed on exit.
+
+Targets are identified by what they are, not how their URL is spelled: on connect, `open_target`
+reads the database's identity from the server (PostgreSQL: `system_identifier` of
+`pg_control_system()` and the database's oid; SQLite: the file's real path, plus its device and
+inode) and refuses (`TargetRefused`, code `target_refused`) releasemgr's own control database,
+compared by that identity, and SQLite files outside `settings.TARGETS_DIR`. A missing SQLite file is
+never created by an open (`mode=rw`); `create_sqlite_target` is the explicit act. Which tenant may
+use which identity is not the engine's business: `tenants.targets.open_environment` checks that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import environ
+from django.conf import settings
+from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 from django.db.utils import load_backend
 
 from releasemgr.core.scrub import scrub
 
-from .errors import TargetError, TargetLockedError, is_lock_error
+from .errors import TargetError, TargetLockedError, TargetRefused, is_lock_error
 
 SUPPORTED_ENGINES = {
     "django.db.backends.postgresql": "postgresql",
@@ -41,15 +56,33 @@ CONTROL_TABLES = (
 )
 
 
+@dataclass(frozen=True)
+class TargetIdentity:
+    """What a target database is, read from the server, whatever its URL's spelling.
+
+    `key`: `postgresql:<system_identifier>:<database oid>` or `sqlite:<real path>`. `file_id`:
+    `<device>:<inode>` of a SQLite file (a hard link has another path but the same inode), else "".
+    """
+
+    key: str
+    file_id: str = ""
+
+    def same_database(self, key: str, file_id: str = "") -> bool:
+        """Is the database identified by (key, file_id) this one? Empty values never match."""
+        return bool(key) and key == self.key or bool(file_id) and file_id == self.file_id
+
+
 @dataclass
 class Target:
-    """An open target database: `connection` is a private DatabaseWrapper, `vendor` its dialect."""
+    """An open target database: `connection` is a private DatabaseWrapper, `vendor` its dialect,
+    `identity` what the server says it is (read on connect)."""
 
     connection: BaseDatabaseWrapper
     vendor: str
     alias: str
     database_name: str
     secrets: list[str] = field(default_factory=list, repr=False)
+    identity: TargetIdentity | None = None
 
     def scrub(self, message: str) -> str:
         return scrub(str(message), self.secrets)
@@ -135,6 +168,103 @@ def build_wrapper(
     return wrapper
 
 
+def targets_dir() -> Path:
+    """The directory SQLite targets are confined to (`settings.TARGETS_DIR`), symlinks resolved."""
+    return Path(os.path.realpath(str(settings.TARGETS_DIR)))
+
+
+def sqlite_target_path(name: str) -> Path:
+    """The real path of a SQLite target, refused (`TargetRefused`) when it is not inside TARGETS_DIR.
+
+    Symlinks and `..` are resolved first, so no spelling of a path reaches a file outside it.
+    """
+    if not name or name == ":memory:" or name.startswith("file:"):
+        raise TargetRefused("a SQLite target is a file path under TARGETS_DIR (no :memory:, no file: URI)")
+    path = Path(os.path.realpath(name))
+    root = targets_dir()
+    if path == root or root not in path.parents:
+        raise TargetRefused(
+            "the SQLite target file is outside the targets directory (TARGETS_DIR); "
+            "SQLite targets live only under that directory"
+        )
+    return path
+
+
+def create_sqlite_target(url: str) -> Path:
+    """Create an empty SQLite target file (inside TARGETS_DIR) if it is missing: the explicit act that
+    opening never does. Returns its real path."""
+    config = parse_url(url)
+    if not config["ENGINE"].endswith("sqlite3"):
+        raise TargetError(
+            "only a SQLite target is created by releasemgr; create PostgreSQL databases yourself"
+        )
+    path = sqlite_target_path(str(config["NAME"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(str(path))) as database:
+        database.execute("PRAGMA user_version")  # creates the (empty, valid) file
+    return path
+
+
+def _sqlite_identity(path: Path | str) -> TargetIdentity:
+    real = os.path.realpath(str(path))
+    info = os.stat(real)
+    return TargetIdentity(key=f"sqlite:{real}", file_id=f"{info.st_dev}:{info.st_ino}")
+
+
+_POSTGRES_IDENTITY_SQL = (
+    "SELECT (SELECT system_identifier FROM pg_control_system()), oid "
+    "FROM pg_catalog.pg_database WHERE datname = current_database()"
+)
+
+
+def _postgres_identity(cursor: Any) -> TargetIdentity:
+    cursor.execute(_POSTGRES_IDENTITY_SQL)
+    system_identifier, oid = cursor.fetchone()
+    return TargetIdentity(key=f"postgresql:{system_identifier}:{oid}")
+
+
+_control_cache: dict[tuple, TargetIdentity | None] = {}
+_control_lock = threading.Lock()
+
+
+def control_identity() -> TargetIdentity | None:
+    """The identity of releasemgr's own control database (`default`), or None when it has none that a
+    target could share (an in-memory SQLite test database) or it cannot be read right now (then the
+    CONTROL_TABLES check still applies). Read once per process and database settings, on a short
+    connection of its own, so the default connection's transaction state never matters."""
+    settings_dict = connections["default"].settings_dict
+    cache_key = tuple(str(settings_dict.get(key)) for key in ("ENGINE", "HOST", "PORT", "NAME"))
+    with _control_lock:
+        if cache_key in _control_cache:
+            return _control_cache[cache_key]
+    if settings_dict["ENGINE"].endswith("sqlite3"):
+        name = str(settings_dict["NAME"] or "")
+        if not name or name == ":memory:" or "mode=memory" in name:
+            identity = None
+        else:
+            try:
+                identity = _sqlite_identity(name.removeprefix("file:").split("?", 1)[0])
+            except OSError:
+                return None
+    else:
+        wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(
+            {**settings_dict, "OPTIONS": dict(settings_dict.get("OPTIONS") or {})}, "rm_control_identity"
+        )
+        try:
+            raw = wrapper.get_new_connection(wrapper.get_connection_params())
+        except Exception:  # noqa: BLE001 - not readable now: not cached, asked again next time
+            return None
+        try:
+            with contextlib.closing(raw.cursor()) as cursor:
+                identity = _postgres_identity(cursor)
+        finally:
+            with contextlib.suppress(Exception):
+                raw.close()
+    with _control_lock:
+        _control_cache[cache_key] = identity
+    return identity
+
+
 def _has_control_tables(cursor: CursorWrapper, vendor: str) -> bool:
     """Does the database hold every one of CONTROL_TABLES? (On SQLite this also touches the schema.)"""
     marks = ", ".join(["%s"] * len(CONTROL_TABLES))
@@ -148,7 +278,8 @@ def _has_control_tables(cursor: CursorWrapper, vendor: str) -> bool:
 
 @contextlib.contextmanager
 def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> Iterator[Target]:
-    """Open the target database at `url`; TargetError (scrubbed) when it cannot be reached.
+    """Open the target database at `url`; TargetError (scrubbed) when it cannot be reached,
+    TargetRefused when it is not a database releasemgr may touch (see the module docstring).
 
     `lock_timeout_ms` bounds how long a SQLite read waits for another session's lock.
     """
@@ -157,12 +288,23 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
     alias = f"rm_target_{uuid.uuid4().hex[:12]}"
     secrets = [str(config.get(key) or "") for key in ("PASSWORD", "USER", "HOST")]
     secrets = [value for value in secrets if value and len(value) > 1] + [url]
+    database_name = str(config.get("NAME"))
+    if vendor == "sqlite":
+        path = sqlite_target_path(database_name)
+        if not path.is_file():
+            raise TargetError(
+                "the SQLite target file does not exist; opening a target never creates one "
+                "(create the file under TARGETS_DIR first)"
+            )
+        database_name = str(path)
+        # mode=rw: an open never creates the file (Django opens SQLite with uri=True).
+        config = {**config, "NAME": f"file:{quote(database_name)}?mode=rw"}
     wrapper = build_wrapper(config, alias, lock_timeout_ms)
     target = Target(
         connection=wrapper,
         vendor=vendor,
         alias=alias,
-        database_name=str(config.get("NAME")),
+        database_name=database_name,
         secrets=secrets,
     )
     control = False  # a SQLite control database is in WAL mode: its readers are never locked out
@@ -170,6 +312,7 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
         try:
             wrapper.ensure_connection()
             if vendor == "sqlite":
+                target.identity = _sqlite_identity(database_name)
                 with wrapper.cursor() as cursor:
                     # Touch the schema so a file that is not a database fails here, not later; without
                     # waiting: a database locked by another session is reachable, and what runs next
@@ -184,16 +327,19 @@ def open_target(url: str, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> 
                         cursor.execute(f"PRAGMA busy_timeout = {max(int(lock_timeout_ms), 1)}")
             else:
                 with wrapper.cursor() as cursor:
+                    target.identity = _postgres_identity(cursor)
                     control = _has_control_tables(cursor, vendor)
         except Exception as exc:  # noqa: BLE001 - every connect failure becomes a TargetError
             raise TargetError(
                 f"cannot connect to the target database: {target.scrub(str(exc)).strip()}"
             ) from None
-        if control:
-            raise TargetError(
-                "the target database is releasemgr's own control database (it holds "
-                f"{', '.join(CONTROL_TABLES)}): release SQL never runs there; set the environment's URL "
-                "to the application's database"
+        if vendor == "sqlite" and target.identity.key != f"sqlite:{database_name}":
+            raise TargetRefused("the SQLite target's path changed while it was opened")
+        own = control_identity()
+        if control or (own is not None and own.same_database(target.identity.key, target.identity.file_id)):
+            raise TargetRefused(
+                "the target database is releasemgr's own control database: release SQL never runs "
+                "there; set the environment's URL to the application's database"
             )
         yield target
     finally:

@@ -23,6 +23,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tenants.models import Environment
+from tenants.targets import open_environment
 
 from .. import engine
 from ..models import Release
@@ -121,9 +122,7 @@ def target_session(environment: Environment, owner: str) -> Iterator[tuple[Any, 
     """Keep the lease alive, open the target with the apply lock timeout and try its release lock."""
     with (
         Heartbeat(environment.pk, owner),
-        engine.open_target(
-            environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
-        ) as target,
+        open_environment(environment, lock_timeout_ms=environment.apply_lock_timeout_ms) as target,
         engine.target_lock(target, target_lock_key(environment)) as locked,
     ):
         yield target, locked

@@ -22,6 +22,7 @@ from django.utils import timezone
 from releasemgr.core.errors import Conflict, ValidationFailed
 from tenants.models import NEXT_STAGE, Environment, Stage, Tenant
 from tenants.selectors import environment_get, flags_of
+from tenants.targets import open_environment
 
 from .. import engine, metrics
 from ..models import Migration, Release, ReleaseStatus
@@ -57,9 +58,9 @@ def bundle_normalize(raw: Any) -> dict:
 
 def bundle_compute(*, from_environment: Environment, to_environment: Environment) -> dict:
     """The bundle that makes to_env like from_env: schema difference and differing flags."""
-    with engine.open_target(from_environment.database_url) as source:
+    with open_environment(from_environment) as source:
         source_schema = engine.introspect(source)
-    with engine.open_target(to_environment.database_url) as target:
+    with open_environment(to_environment) as target:
         target_schema = engine.introspect(target)
     try:
         changes = engine.diff_schemas(source_schema, target_schema)
@@ -155,9 +156,7 @@ def release_prepare(
         )
     bundle_sha = engine.sha256_hex(bundle)
 
-    with engine.open_target(
-        to_environment.database_url, lock_timeout_ms=to_environment.dry_run_lock_timeout_ms
-    ) as target:
+    with open_environment(to_environment, lock_timeout_ms=to_environment.dry_run_lock_timeout_ms) as target:
         schema = engine.introspect(target)
         engine.check_dependencies(schema, changes)  # PlanError: validation_error / unsupported_table
         findings = engine.lint(changes, schema)

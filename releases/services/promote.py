@@ -16,6 +16,7 @@ from django.utils import timezone
 from releasemgr.core.errors import Conflict, ErrorCode, UnsafeMigration
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Stage
+from tenants.targets import open_environment
 
 from .. import engine, metrics
 from ..models import Backup, Release, ReleaseStatus
@@ -25,7 +26,7 @@ from .dispatch import PROMOTE, dispatch
 from .leases import lease_acquire_for_task, lease_release, target_session
 from .reconcile import release_reconcile
 from .side_effects import metric_labels, notify
-from .targets import prod_gate_check
+from .targets import prod_gate_check, target_verify
 from .transitions import (
     actor_of,
     begin,
@@ -66,6 +67,7 @@ def release_promote(
             f"Lint errors block the promotion: {', '.join(rules)}. Prepare again with allow_unsafe and a reason.",
             details={"rules": rules},
         )
+    target_verify(release.to_environment)  # 409 target_refused: another tenant's, or the control, database
     if release.to_environment.stage == Stage.PROD:
         prod_gate_check(staging=release.from_environment, fingerprint_after=release.fingerprint_after)
     release_reconcile(environment=release.to_environment)
@@ -172,7 +174,7 @@ def post_deployment_check(*, release_pk: int) -> dict:
     if release is None or release.status != ReleaseStatus.PROMOTED:
         return {}
     try:
-        with engine.open_target(release.to_environment.database_url) as target:
+        with open_environment(release.to_environment) as target:
             fingerprint = engine.fingerprint(engine.introspect(target))
         result = {
             "ok": fingerprint == release.fingerprint_after,

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from releasemgr.core.errors import ErrorCode
 from tenants.models import Environment
+from tenants.targets import open_environment
 
 from .. import engine
 from ..models import Release, ReleaseStatus
@@ -35,7 +36,7 @@ def release_reconcile(*, environment: Environment) -> list[Release]:
     )
     if not stuck or lease_is_live(environment, at=now):
         return []
-    with engine.open_target(environment.database_url) as target:
+    with open_environment(environment) as target:
         with engine.target_lock(target, target_lock_key(environment)) as locked:
             if not locked:
                 return []

@@ -13,6 +13,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from tenants.models import Environment, Tenant
+from tenants.targets import open_environment
 
 from .. import engine
 from ..models import Preservation, ReleaseStatus
@@ -72,7 +73,7 @@ def preserved_purge(
         if dry_run:
             report.purged.append({**label, "releases": releases, "tables": tables, "dropped": 0})
             continue
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             with engine.target_lock(target, target_lock_key(environment)) as locked:
                 if not locked:
                     report.skipped.append({**label, "reason": "the target's release lock is held"})

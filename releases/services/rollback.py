@@ -15,6 +15,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from releasemgr.core.errors import Conflict, ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Tenant
+from tenants.targets import open_environment
 
 from .. import engine, metrics
 from ..models import Release, ReleaseStatus
@@ -144,7 +145,7 @@ def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
     """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
     environment = release.to_environment
     if release.native_fingerprint_before:
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             current = engine.native_fingerprint(target)
         if current != release.native_fingerprint_before:
             raise Conflict(

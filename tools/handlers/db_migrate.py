@@ -21,6 +21,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from releasemgr.core.errors import ErrorCode
+from tenants.targets import open_environment
 
 from ..errors import ToolFailure, ToolRefused, ToolValidationError
 
@@ -235,7 +236,7 @@ def handle(args: dict[str, Any], ctx: ToolContext, *, call: ToolCall, dry_run: b
         )
     label = ctx.release.release_id if ctx.release is not None else DRY_RUN_LABEL
     try:
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             schema = engine.introspect(target)
             try:
                 engine.check_dependencies(schema, changes)
@@ -291,7 +292,7 @@ def _apply(raw_changes: list[dict[str, Any]] | None, ctx: ToolContext) -> dict[s
     environment = release.to_environment
     try:
         changes = approved_changes(release)
-        with engine.open_target(environment.database_url) as target:
+        with open_environment(environment) as target:
             result = release_apply_recorded(target, release, changes=changes)
     except engine.TargetError as exc:
         raise ToolFailure(exc.message, code=exc.code)

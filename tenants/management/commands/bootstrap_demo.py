@@ -10,6 +10,7 @@ from django.db import transaction
 
 from releasemgr.core.errors import ApplicationError, ErrorCode
 from releasemgr.core.scrub import mask_url
+from releases import engine
 from releases.management.commands._base import ServiceCommand
 from tenants.models import Environment, Role, Stage
 from tenants.services import membership_set, tenant_setup, token_issue, user_login_set
@@ -40,12 +41,13 @@ class Command(ServiceCommand):
         parser.add_argument(
             "--targets-dir",
             default=None,
-            help="Directory of the demo's SQLite target files (default: var/targets/).",
+            help="Directory of the demo's SQLite target files (default: TARGETS_DIR, var/targets/); "
+            "it must be inside TARGETS_DIR.",
         )
 
     def handle(self, *args, **options):
         passwords = self._passwords()
-        targets_dir = Path(options["targets_dir"] or settings.VAR_DIR / "targets").resolve()
+        targets_dir = Path(options["targets_dir"] or settings.TARGETS_DIR).resolve()
         targets_dir.mkdir(parents=True, exist_ok=True)
         urls = {
             stage: f"sqlite:///{targets_dir / f'{DEMO_TENANT}_{stage}.sqlite3'}" for stage in Stage.values
@@ -58,6 +60,9 @@ class Command(ServiceCommand):
             }
             # An environment that points elsewhere (set with tenant_setup) is never repointed.
             kept = sorted(stage for stage, url in existing.items() if url != urls[stage])
+            for stage, url in urls.items():
+                if stage not in kept:  # opening never creates a target: creating one is this explicit act
+                    engine.create_sqlite_target(url)
             tenant = tenant_setup(
                 slug=DEMO_TENANT,
                 name="Primary (demo)",
