@@ -48,7 +48,8 @@ ERROR_DESCRIPTIONS = {
     422: "`unsafe_migration`: lint errors not overridden by `allow_unsafe` (rules in `details.rules`).",
     429: "`rate_limited`: too many requests; see the Retry-After header.",
     503: "`target_unreachable` or `lock_timeout`: the target database cannot be opened now (the message says "
-    "why, without URL, user, password or host); retry later.",
+    "why, without URL, user, password or host); `broker_unavailable`: promote or rollback could not queue "
+    "its task, the release is as it was; retry later.",
 }
 
 
