@@ -208,9 +208,23 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # visibility_timeout: longer than the longest allowed promote (statement_timeout 15 min plus backup).
 # CELERY_KEY_PREFIX namespaces every broker key, so several deployments (or test runs) can share
 # one Redis without taking each other's tasks.
+# BROKER_TIMEOUT_SECONDS bounds each connect and each socket wait on the broker (kombu's Redis
+# transport ignores broker_connection_timeout and waits for the OS otherwise), and a publish is
+# retried once: with the broker down, promote and rollback answer 503 `broker_unavailable` within
+# about two timeouts instead of hanging, with the release left as it was.
+BROKER_TIMEOUT_SECONDS = env.float("BROKER_TIMEOUT_SECONDS", default=2.0)
+CELERY_BROKER_CONNECTION_TIMEOUT = BROKER_TIMEOUT_SECONDS
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": 2 * 3600,
     "global_keyprefix": env.str("CELERY_KEY_PREFIX", default=""),
+    "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+    "socket_timeout": max(BROKER_TIMEOUT_SECONDS, 5.0),  # longer than the worker's 1 s BRPOP
+}
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {

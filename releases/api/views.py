@@ -104,7 +104,7 @@ class PromoteView(ReleaseAPIView):
                 envelope(ReleaseManifestOutput),
                 description="`promoting`: a worker runs it; poll GET /releases/{id}.",
             ),
-            **error_responses(404, 409, 422),
+            **error_responses(404, 409, 422, 503),
         },
     )
     @idempotent

@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from releasemgr.core.errors import Conflict, Forbidden, ValidationFailed
+from releasemgr.core.errors import Conflict, ErrorCode, Forbidden, UnsafeMigration, ValidationFailed
 from tenants.models import Role
 from tenants.selectors import membership_get
 
@@ -36,6 +36,26 @@ def unsafe_rules(release: Release) -> list[str]:
             if finding["severity"] == "error" and finding["rule"] not in release.allow_unsafe
         }
     )
+
+
+def promotion_check(release: Release) -> None:
+    """Refuse a promotion the approvals or the lint do not allow: 409 `approvals_missing`, 422
+    `unsafe_migration`. Run by the request, and again by `begin` on the row it holds locked,
+    so a reject committed in between is never overtaken."""
+    missing = approvals_missing(release)
+    if missing:
+        message = (
+            "The release was rejected."
+            if missing["rejected"]
+            else f"The release needs {missing['approvals_required']} approval(s), it has {missing['approved']}."
+        )
+        raise Conflict(message, code=ErrorCode.APPROVALS_MISSING, details=missing)
+    rules = unsafe_rules(release)
+    if rules:
+        raise UnsafeMigration(
+            f"Lint errors block the promotion: {', '.join(rules)}. Prepare again with allow_unsafe and a reason.",
+            details={"rules": rules},
+        )
 
 
 @transaction.atomic

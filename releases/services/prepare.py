@@ -19,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from releasemgr.core.errors import Conflict, ValidationFailed
+from releasemgr.core.errors import Conflict, ErrorCode, ValidationFailed
 from tenants.models import NEXT_STAGE, Environment, Stage, Tenant
 from tenants.selectors import environment_get, flags_of
 from tenants.targets import open_environment
@@ -262,7 +262,7 @@ def release_save(
         created_at=now,
         status_changed_at=now,
         failed_at=now if failed else None,
-        error_code="dry_run_failed" if failed else "",
+        error_code=ErrorCode.DRY_RUN_FAILED if failed else "",
         error_message=error,
     )
     Migration.objects.bulk_create(

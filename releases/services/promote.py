@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 
-from releasemgr.core.errors import Conflict, ErrorCode, UnsafeMigration
+from releasemgr.core.errors import Conflict, ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Stage
 from tenants.targets import open_environment
@@ -21,8 +21,8 @@ from tenants.targets import open_environment
 from .. import engine, metrics
 from ..models import Backup, Release, ReleaseStatus
 from ..recorded import approved_changes, history_has, release_apply_recorded
-from .approvals import approvals_missing, unsafe_rules
-from .dispatch import PROMOTE, dispatch
+from .approvals import promotion_check
+from .dispatch import PROMOTE, BrokerUnavailable, dispatch
 from .leases import lease_acquire_for_task, lease_release, target_session
 from .reconcile import release_reconcile
 from .side_effects import metric_labels, notify
@@ -30,6 +30,7 @@ from .targets import prod_gate_check, target_verify
 from .transitions import (
     actor_of,
     begin,
+    begin_undo,
     release_for_task,
     settle_failed,
     settle_promote_busy,
@@ -53,28 +54,33 @@ def release_promote(
             f"Release {release.release_id} is {release.status}; only a prepared release can be promoted.",
             details={"status": release.status},
         )
-    missing = approvals_missing(release)
-    if missing:
-        message = (
-            "The release was rejected."
-            if missing["rejected"]
-            else f"The release needs {missing['approvals_required']} approval(s), it has {missing['approved']}."
-        )
-        raise Conflict(message, code=ErrorCode.APPROVALS_MISSING, details=missing)
-    rules = unsafe_rules(release)
-    if rules:
-        raise UnsafeMigration(
-            f"Lint errors block the promotion: {', '.join(rules)}. Prepare again with allow_unsafe and a reason.",
-            details={"rules": rules},
-        )
+    promotion_check(release)
     target_verify(release.to_environment)  # 409 target_refused: another tenant's, or the control, database
     if release.to_environment.stage == Stage.PROD:
         prod_gate_check(staging=release.from_environment, fingerprint_after=release.fingerprint_after)
     release_reconcile(environment=release.to_environment)
 
-    owner = begin(release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING)
+    # Approvals and lint once more, under the release row's lock that moves it to `promoting`:
+    # a reject committed since the check above refuses this promotion (409 approvals_missing).
+    owner = begin(
+        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, check=promotion_check
+    )
     actor_pk = user.pk if user is not None else None
-    dispatch(PROMOTE, release.pk, owner, actor_pk)
+    dispatch(
+        PROMOTE,
+        release.pk,
+        owner,
+        actor_pk,
+        on_unavailable=lambda exc: begin_undo(
+            release,
+            owner,
+            status_from=ReleaseStatus.PROMOTING,
+            status_to=ReleaseStatus.PREPARED,
+            code=BrokerUnavailable.code,
+            message=f"The broker could not be reached ({type(exc).__name__}); the promotion was not started.",
+            phase="promote",
+        ),
+    )
     release = wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
     # The worker found the environment busy (another session holds the target lock): the same 409
     # whether the task ran in this process or on a worker we waited for.

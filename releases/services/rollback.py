@@ -21,13 +21,14 @@ from .. import engine, metrics
 from ..models import Release, ReleaseStatus
 from ..recorded import approved_changes, history_has
 from ..selectors import live_release
-from .dispatch import ROLLBACK, dispatch
+from .dispatch import ROLLBACK, BrokerUnavailable, dispatch
 from .leases import lease_acquire_for_task, lease_release, target_session
 from .reconcile import release_reconcile
 from .side_effects import metric_labels
 from .transitions import (
     actor_of,
     begin,
+    begin_undo,
     release_for_task,
     settle_rollback_refused,
     settle_rolled_back,
@@ -67,7 +68,21 @@ def release_rollback(
 
     owner = begin(release, status_from=ReleaseStatus.PROMOTED, status_to=ReleaseStatus.ROLLING_BACK)
     actor_pk = user.pk if user is not None else None
-    dispatch(ROLLBACK, release.pk, owner, actor_pk)
+    dispatch(
+        ROLLBACK,
+        release.pk,
+        owner,
+        actor_pk,
+        on_unavailable=lambda exc: begin_undo(
+            release,
+            owner,
+            status_from=ReleaseStatus.ROLLING_BACK,
+            status_to=ReleaseStatus.PROMOTED,
+            code=BrokerUnavailable.code,
+            message=f"The broker could not be reached ({type(exc).__name__}); the rollback was not started.",
+            phase="rollback",
+        ),
+    )
     release = wait_for(release, statuses=[ReleaseStatus.ROLLING_BACK], wait_seconds=wait_seconds)
     # The rollback was refused (drift, blocked, locked): its code, whether the task ran in this process
     # or on a worker we waited for.

@@ -26,7 +26,7 @@ from tenants.models import Environment
 from ..models import Preservation, Release, ReleaseStatus
 from .audit import audit_record
 from .flags import flags_apply, flags_restore
-from .leases import lease_acquire, lease_owner
+from .leases import lease_acquire, lease_owner, lease_release
 from .side_effects import enqueue_post_deployment, log_extra, notify
 
 logger = logging.getLogger("releases.services")  # one logger name for operators, as before the split
@@ -34,11 +34,29 @@ logger = logging.getLogger("releases.services")  # one logger name for operators
 IN_FLIGHT = (ReleaseStatus.PROMOTING, ReleaseStatus.ROLLING_BACK)
 
 
-def begin(release: Release, *, status_from: str, status_to: str) -> str:
-    """Take the lease and move the release into its in-flight status, atomically; 409 otherwise."""
+def begin(
+    release: Release,
+    *,
+    status_from: str,
+    status_to: str,
+    check: Callable[[Release], None] | None = None,
+) -> str:
+    """Lock the release, re-check it, take the lease and move it in flight, atomically; 409 otherwise.
+
+    The release row is locked (SELECT ... FOR UPDATE) for the whole move, the lock `approval_record`
+    takes to record a decision. `check(locked)` runs under it on a fresh copy of the row and refuses
+    by raising (promote: approvals and lint, the request's own pre-check): a decision committed
+    before the lock is seen here, one that comes after waits for it and finds the release no longer
+    `prepared`. A refusal rolls everything back: status unchanged, no lease taken.
+    """
     environment = release.to_environment
     owner = lease_owner()
     with transaction.atomic():
+        locked = Release.objects.select_for_update().filter(pk=release.pk).first()
+        if locked is None or locked.status != status_from:
+            raise Conflict(f"Release {release.release_id} is no longer {status_from}.")
+        if check is not None:
+            check(locked)
         if not lease_acquire(environment, release, owner):
             holder = Environment.objects.filter(pk=environment.pk).values_list(
                 "lock_release__release_id", flat=True
@@ -54,6 +72,29 @@ def begin(release: Release, *, status_from: str, status_to: str) -> str:
         if not moved:
             raise Conflict(f"Release {release.release_id} is no longer {status_from}.")
     return owner
+
+
+def begin_undo(
+    release: Release, owner: str, *, status_from: str, status_to: str, code: str, message: str, phase: str
+) -> bool:
+    """Undo `begin` when its task never started (it could not be queued): the release goes back to
+    `status_to` with `code` and `message` on it, and the lease `owner` took is freed, in one
+    transaction. False when the release had already left `status_from` (nothing is changed then)."""
+    with transaction.atomic():
+        moved = Release.objects.filter(pk=release.pk, status=status_from).update(
+            status=status_to, status_changed_at=timezone.now(), error_code=code, error_message=message
+        )
+        if moved:
+            lease_release(release.to_environment, owner)
+    if moved:
+        logger.warning(
+            "%s of release %s not started: %s",
+            phase,
+            release.release_id,
+            message,
+            extra=log_extra(release, phase=phase, status=status_to, error_code=code),
+        )
+    return bool(moved)
 
 
 def settle(
