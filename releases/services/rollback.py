@@ -169,8 +169,20 @@ def rollback_settle(
 
 @target_refusal()
 def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
-    """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
+    """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags.
+
+    The target's history is read first: a release recorded `failed` whose promotion in fact
+    committed is corrected to `promoted` (release_reconcile), and the caller is told so (409) rather
+    than "schema_drift"; rolling it back again then runs its rollback."""
     environment = release.to_environment
+    release_reconcile(environment=environment)
+    release.refresh_from_db()
+    if release.status != ReleaseStatus.FAILED:
+        raise Conflict(
+            f"The target's history shows that release {release.release_id} was promoted; it is now "
+            f"recorded as {release.status}. Roll it back again to undo it.",
+            details={"status": release.status},
+        )
     if release.native_fingerprint_before:
         with engine.open_target(environment.database_url) as target:
             current = engine.native_fingerprint(target)
