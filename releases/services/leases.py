@@ -100,6 +100,7 @@ class Heartbeat:
                     lease_extend(self.environment_pk, self.owner)
                 except Exception:  # the next beat retries; the lease outlives one missed beat
                     logger.warning("lease heartbeat failed", exc_info=True)
+                    connection.close()  # a lost connection would fail every later beat: reconnect
         finally:
             connection.close()
 

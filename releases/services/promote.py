@@ -14,7 +14,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 
 from releasemgr.core.errors import Conflict, ErrorCode
-from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Stage
 from tenants.targets import open_environment
 
@@ -22,8 +21,10 @@ from .. import engine, metrics
 from ..models import Backup, Release, ReleaseStatus
 from ..recorded import approved_changes, history_has, release_apply_recorded
 from .approvals import promotion_check
+from .control_db import control_db_retry
 from .dispatch import PROMOTE, BrokerUnavailable, dispatch
-from .leases import lease_acquire_for_task, lease_release, target_session
+from .leases import lease_acquire_for_task, target_session
+from .outcomes import TargetOutcome, lease_release_after, outcome_of_failure, target_history_last
 from .reconcile import release_reconcile
 from .side_effects import metric_labels, notify
 from .targets import prod_gate_check, target_verify
@@ -95,7 +96,12 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
     """The promotion itself (run by the Celery task): drift check, backup, one-transaction apply, flags.
 
     Idempotent: a redelivered task finds the release settled, or finds the promotion in the
-    target's `_rm_history` and settles it without applying anything again.
+    target's `_rm_history` and settles it without applying anything again. The work on the target
+    and the settling of the release are separate steps: once the target has decided (committed or
+    not), losing the control-database connection only delays the settle (`control_db_retry`
+    reconnects), and an outcome this process could not observe (an error during or after COMMIT)
+    is read back from the target's history. Should the control database stay away, the release
+    stays `promoting` and the reconciler settles it from the target's history.
     """
     release = release_for_task(release_pk)
     if release is None or release.status != ReleaseStatus.PROMOTING:
@@ -104,37 +110,78 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
     actor = actor_of(actor_pk)
     if not lease_acquire_for_task(environment, release, owner):
         return  # another process holds a live lease on this environment; it owns the outcome
-    started = time.monotonic()
+    try:
+        started = time.monotonic()
+        outcome = promote_on_target(release, environment, owner)
+        if outcome.result is not None:
+            # Observed before the release is seen as promoted: whoever waits for that status (a
+            # `wait_seconds` client, a scrape right after) finds the duration recorded.
+            metrics.observe("promote", time.monotonic() - started, **metric_labels(release))
+        control_db_retry(
+            lambda: promote_settle(release, environment, outcome, actor=actor),
+            what=f"settling the promotion of {release.release_id}",
+        )
+    finally:
+        lease_release_after(environment, owner)
+
+
+def promote_on_target(release: Release, environment: Environment, owner: str) -> TargetOutcome:
+    """Under the lease and the target's release lock: backup and apply, or find it already applied."""
+    result: engine.ApplyResult | None = None
+    native_after = ""
+    started_apply = False
     try:
         with target_session(environment, owner) as (target, locked):
             if not locked:
-                settle_promote_busy(release)  # nothing ran: the release can be promoted again
-                return
+                return TargetOutcome(busy=True)  # nothing ran: the release can be promoted again
             if history_has(target, release, "forward"):
-                settle_promoted(release, native_after=engine.native_fingerprint(target), actor=actor)
-                return
-            changes = approved_changes(release)
-            release_backup(release, environment)
-            result = release_apply_recorded(target, release, changes=changes)
-        # Observed before the release is seen as promoted: whoever waits for that status (a
-        # `wait_seconds` client, a scrape right after) finds the duration recorded.
-        metrics.observe("promote", time.monotonic() - started, **metric_labels(release))
+                native_after = engine.native_fingerprint(target)
+            else:
+                changes = approved_changes(release)
+                release_backup(release, environment)
+                started_apply = True
+                result = release_apply_recorded(target, release, changes=changes)
+    except Exception as exc:
+        if result is None and not native_after:
+            if not isinstance(exc, (engine.EngineError, engine.TargetError, engine.BackupError)):
+                logger.exception("promotion of %s failed unexpectedly", release.release_id)
+            return outcome_of_failure(exc, started_apply=started_apply)
+        # Committed (or found committed): closing the target session afterwards does not undo it.
+        logger.warning(
+            "promotion of %s committed; closing the target session failed: %s",
+            release.release_id,
+            type(exc).__name__,
+        )
+    return TargetOutcome(result=result, native_after=native_after)
+
+
+def promote_settle(
+    release: Release, environment: Environment, outcome: TargetOutcome, *, actor: AbstractBaseUser | None
+) -> None:
+    """Record what the target did; safe to run again (every settle is a conditional move)."""
+    if outcome.busy:
+        settle_promote_busy(release)
+    elif outcome.result is not None:
         settle_promoted(
             release,
-            native_after=result.native_fingerprint_after,
+            native_after=outcome.result.native_fingerprint_after,
             actor=actor,
-            preservations=result.preservations,
-            duration_ms=result.duration_ms,
+            preservations=outcome.result.preservations,
+            duration_ms=outcome.result.duration_ms,
         )
-    except (engine.EngineError, engine.TargetError, engine.BackupError) as exc:
-        settle_failed(release, code=getattr(exc, "code", "apply_failed"), message=str(exc), actor=actor)
-    except Exception as exc:
-        logger.exception("promotion of %s failed unexpectedly", release.release_id)
-        settle_failed(
-            release, code=ErrorCode.INTERNAL_ERROR, message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
-        )
-    finally:
-        lease_release(environment, owner)
+    elif outcome.native_after:
+        settle_promoted(release, native_after=outcome.native_after, actor=actor)
+    else:
+        found = target_history_last(environment, release) if outcome.ambiguous else None
+        if found is not None and found[0] == "forward":
+            logger.warning(
+                "promotion of %s raised %s, but the target's history shows it committed",
+                release.release_id,
+                outcome.code,
+            )
+            settle_promoted(release, native_after=found[1], actor=actor)
+        else:
+            settle_failed(release, code=outcome.code, message=outcome.message, actor=actor)
 
 
 def release_backup(release: Release, environment: Environment) -> Backup:
@@ -161,16 +208,20 @@ def release_backup(release: Release, environment: Environment) -> Backup:
     )
     if not info.verified:
         raise engine.BackupError(f"The backup could not be verified: {info.note}")
-    return Backup.objects.create(
-        release=release,
-        environment=environment,
-        path=str(info.path or ""),
-        format=info.format,
-        tables=list(info.tables),
-        size_bytes=info.size_bytes,
-        sha256=info.sha256,
-        verified=info.verified,
-        note=info.note,
+    # The dump may take minutes with the control connection idle: recording it survives losing it.
+    return control_db_retry(
+        lambda: Backup.objects.create(
+            release=release,
+            environment=environment,
+            path=str(info.path or ""),
+            format=info.format,
+            tables=list(info.tables),
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+            verified=info.verified,
+            note=info.note,
+        ),
+        what=f"recording the backup of {release.release_id}",
     )
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 
 from releasemgr.core.errors import Conflict, ErrorCode
-from releasemgr.core.scrub import scrub
 from tenants.models import Environment, Tenant
 from tenants.targets import open_environment
 
@@ -21,9 +19,11 @@ from .. import engine, metrics
 from ..models import Release, ReleaseStatus
 from ..recorded import approved_changes, history_has
 from ..selectors import live_release
+from .control_db import control_db_retry
 from .dispatch import ROLLBACK, BrokerUnavailable, dispatch
-from .leases import lease_acquire_for_task, lease_release, target_session
-from .reconcile import release_reconcile
+from .leases import lease_acquire_for_task, target_session
+from .outcomes import TargetOutcome, lease_release_after, outcome_of_failure, target_history_last
+from .reconcile import rebase_live_release, release_reconcile
 from .side_effects import metric_labels
 from .transitions import (
     actor_of,
@@ -96,7 +96,13 @@ def release_rollback(
 
 
 def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None) -> None:
-    """The rollback itself (run by the Celery task): rollback SQL in reverse, data restored, flags back."""
+    """The rollback itself (run by the Celery task): rollback SQL in reverse, data restored, flags back.
+
+    As for the promotion, the work on the target and the settle are separate: a rollback the
+    target committed is recorded `rolled_back` even if the control-database connection was lost
+    meanwhile (`control_db_retry` reconnects), and an outcome this process could not observe is
+    read back from the target's history.
+    """
     release = release_for_task(release_pk)
     if release is None or release.status != ReleaseStatus.ROLLING_BACK:
         return
@@ -104,7 +110,24 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
     actor = actor_of(actor_pk)
     if not lease_acquire_for_task(environment, release, owner):
         return
-    started = time.monotonic()
+    try:
+        started = time.monotonic()
+        outcome = rollback_on_target(release, environment, owner)
+        if outcome.result is not None:
+            metrics.observe("rollback", time.monotonic() - started, **metric_labels(release))
+        control_db_retry(
+            lambda: rollback_settle(release, environment, outcome, actor=actor),
+            what=f"settling the rollback of {release.release_id}",
+        )
+    finally:
+        lease_release_after(environment, owner)
+
+
+def rollback_on_target(release: Release, environment: Environment, owner: str) -> TargetOutcome:
+    """Under the lease and the target's release lock: run the rollback, or find it already run."""
+    result: engine.ApplyResult | None = None
+    found = False
+    started_apply = False
     try:
         with target_session(environment, owner) as (target, locked):
             if not locked:
@@ -112,53 +135,72 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
                     ErrorCode.ENVIRONMENT_BUSY, "Another session holds the target's release lock."
                 )
             if history_has(target, release, "rollback"):
-                settle_rolled_back(release, actor=actor)
-                return
-            result = engine.rollback(
-                target,
-                release_pk=release.pk,
-                release_id=release.release_id,
-                bundle_sha256=release.bundle_sha256,
-                changes=approved_changes(release),
-                expected_native_after=release.native_fingerprint_after,
-                expected_fingerprint_before=release.fingerprint_before,
-                lock_timeout_ms=environment.apply_lock_timeout_ms,
-                lock_retries=environment.apply_lock_retries,
-                statement_timeout_ms=environment.apply_statement_timeout_ms,
-            )
-        metrics.observe("rollback", time.monotonic() - started, **metric_labels(release))
-        settle_rolled_back(release, actor=actor, preservations=result.preservations)
-        rebase_live_release(environment, result)
-    except (engine.EngineError, engine.TargetError) as exc:
-        settle_rollback_refused(
-            release, code=getattr(exc, "code", "rollback_failed"), message=str(exc), actor=actor
-        )
+                found = True
+            else:
+                changes = approved_changes(release)
+                started_apply = True
+                result = engine.rollback(
+                    target,
+                    release_pk=release.pk,
+                    release_id=release.release_id,
+                    bundle_sha256=release.bundle_sha256,
+                    changes=changes,
+                    expected_native_after=release.native_fingerprint_after,
+                    expected_fingerprint_before=release.fingerprint_before,
+                    lock_timeout_ms=environment.apply_lock_timeout_ms,
+                    lock_retries=environment.apply_lock_retries,
+                    statement_timeout_ms=environment.apply_statement_timeout_ms,
+                )
     except Exception as exc:
-        logger.exception("rollback of %s failed unexpectedly", release.release_id)
-        settle_rollback_refused(
-            release, code=ErrorCode.INTERNAL_ERROR, message=scrub(f"{type(exc).__name__}: {exc}"), actor=actor
+        if result is None and not found:
+            if not isinstance(exc, (engine.EngineError, engine.TargetError)):
+                logger.exception("rollback of %s failed unexpectedly", release.release_id)
+            return outcome_of_failure(exc, started_apply=started_apply)
+        logger.warning(
+            "rollback of %s committed; closing the target session failed: %s",
+            release.release_id,
+            type(exc).__name__,
         )
-    finally:
-        lease_release(environment, owner)
+    return TargetOutcome(result=result, native_after="found" if found else "")
 
 
-def rebase_live_release(environment: Environment, result: Any) -> None:
-    """After a verified rollback, the release now live is the drift baseline again, as the catalog is now.
-
-    The rollback restores its portable schema, not the catalog byte for byte (a re-added column goes
-    last, a SQLite rebuild rewrites the table's SQL), so without this rolling that release back next
-    would be refused as drift. Only when the portable schema is exactly its after-state.
-    """
-    live = live_release(environment=environment)
-    if live is not None and live.fingerprint_after == result.fingerprint_after:
-        Release.objects.filter(pk=live.pk, status=ReleaseStatus.PROMOTED).update(
-            native_fingerprint_after=result.native_fingerprint_after
-        )
+def rollback_settle(
+    release: Release, environment: Environment, outcome: TargetOutcome, *, actor: AbstractBaseUser | None
+) -> None:
+    """Record what the target did; safe to run again (every settle is a conditional move)."""
+    if outcome.result is not None:
+        settle_rolled_back(release, actor=actor, preservations=outcome.result.preservations)
+        rebase_live_release(environment, outcome.result)
+    elif outcome.native_after:
+        settle_rolled_back(release, actor=actor)
+    else:
+        found = target_history_last(environment, release) if outcome.ambiguous else None
+        if found is not None and found[0] == "rollback":
+            logger.warning(
+                "rollback of %s raised %s, but the target's history shows it committed",
+                release.release_id,
+                outcome.code,
+            )
+            settle_rolled_back(release, actor=actor)
+        else:
+            settle_rollback_refused(release, code=outcome.code, message=outcome.message, actor=actor)
 
 
 def rollback_failed(release: Release, user: AbstractBaseUser) -> Release:
-    """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags."""
+    """The guide's "rollback failed migration": verify the target is at its pre-state, restore flags.
+
+    The target's history is read first: a release recorded `failed` whose promotion in fact
+    committed is corrected to `promoted` (release_reconcile), and the caller is told so (409) rather
+    than "schema_drift"; rolling it back again then runs its rollback."""
     environment = release.to_environment
+    release_reconcile(environment=environment)
+    release.refresh_from_db()
+    if release.status != ReleaseStatus.FAILED:
+        raise Conflict(
+            f"The target's history shows that release {release.release_id} was promoted; it is now "
+            f"recorded as {release.status}. Roll it back again to undo it.",
+            details={"status": release.status},
+        )
     if release.native_fingerprint_before:
         with open_environment(environment) as target:
             current = engine.native_fingerprint(target)

@@ -153,22 +153,42 @@ def settle_promoted(
     actor: AbstractBaseUser | None,
     preservations: list[dict] | None = None,
     duration_ms: float | None = None,
+    correction: dict[str, Any] | None = None,
 ) -> None:
-    """The target has the release (its `_rm_history` says so): promoted, flags set, checked after."""
+    """The target has the release (its `_rm_history` says so): promoted, flags set, checked after.
+
+    `correction` (from the reconciler) moves a release recorded `failed` whose apply the target's
+    history shows: {"reason", "applied_at", "native_after_known"}. It is recorded as promoted at the
+    time the target committed it, and the correction is audited as `release.reconciled`.
+    """
 
     def effects() -> dict[str, Any]:
         preservations_record(release, preservations or [], direction="forward")
         flag_changes = flags_apply(environment=release.to_environment, flags=release.bundle["feature_flags"])
         Release.objects.filter(pk=release.pk).update(flag_changes=flag_changes)
+        if correction is not None:
+            reconciled_record(
+                release, before=ReleaseStatus.FAILED, after=ReleaseStatus.PROMOTED, correction=correction
+            )
         return {"bundle_sha256": release.bundle_sha256, "duration_ms": duration_ms, "flags": flag_changes}
 
+    fields: dict[str, Any] = {"error_code": "", "error_message": ""}
+    if correction is None:
+        from_statuses, stamp = IN_FLIGHT, "promoted_at"
+        fields["native_fingerprint_after"] = native_after
+    else:
+        from_statuses, stamp = [ReleaseStatus.FAILED], None
+        fields.update(promoted_at=correction["applied_at"], failed_at=None)
+        if correction.get("native_after_known", True):
+            fields["native_fingerprint_after"] = native_after
     settled = settle(
         release,
-        from_statuses=IN_FLIGHT,
+        from_statuses=from_statuses,
         to_status=ReleaseStatus.PROMOTED,
-        stamp="promoted_at",
-        fields={"native_fingerprint_after": native_after, "error_code": "", "error_message": ""},
+        stamp=stamp,
+        fields=fields,
         event="release.promoted",
+        payload={"reconciled": True} if correction is not None else None,
         effects=effects,
         actor=actor,
     )
@@ -177,6 +197,26 @@ def settle_promoted(
     logger.info("release %s promoted", release.release_id, extra=log_extra(release, phase="promote"))
     notify(release, "promoted")
     enqueue_post_deployment(release)
+
+
+def reconciled_record(release: Release, *, before: str, after: str, correction: dict[str, Any]) -> None:
+    """Audit a settled release corrected from the target's `_rm_history` (in the settle's transaction)."""
+    applied_at = correction.get("applied_at")
+    audit_record(
+        event="release.reconciled",
+        tenant=release.tenant,
+        release=release,
+        payload={
+            "before": before,
+            "after": after,
+            "reason": correction["reason"],
+            "error_code_before": release.error_code,
+            "history": {
+                "direction": correction["direction"],
+                "applied_at": applied_at.isoformat() if applied_at else None,
+            },
+        },
+    )
 
 
 def settle_promote_busy(release: Release) -> None:
@@ -221,9 +261,18 @@ def settle_failed(release: Release, *, code: str, message: str, actor: AbstractB
 
 
 def settle_rolled_back(
-    release: Release, *, actor: AbstractBaseUser | None, preservations: list[dict] | None = None
+    release: Release,
+    *,
+    actor: AbstractBaseUser | None,
+    preservations: list[dict] | None = None,
+    correction: dict[str, Any] | None = None,
 ) -> dict:
-    """The target is back at the release's pre-state: rolled back, flags put back where untouched."""
+    """The target is back at the release's pre-state: rolled back, flags put back where untouched.
+
+    `correction` (from the reconciler) moves a release recorded `promoted` whose rollback the
+    target's history shows as its last transaction: {"reason", "applied_at", "direction"}; audited
+    as `release.reconciled`.
+    """
 
     def effects() -> dict[str, Any]:
         preservations_record(release, preservations or [], direction="rollback")
@@ -235,14 +284,20 @@ def settle_rolled_back(
                 for name, change in release.flag_changes.items()
             }
             Release.objects.filter(pk=release.pk).update(flag_changes=outcome)
+        if correction is not None:
+            reconciled_record(
+                release, before=ReleaseStatus.PROMOTED, after=ReleaseStatus.ROLLED_BACK, correction=correction
+            )
         return {"bundle_sha256": release.bundle_sha256, "flags": flags}
 
     settled = settle(
         release,
-        from_statuses=[*IN_FLIGHT, ReleaseStatus.FAILED],
+        from_statuses=[*IN_FLIGHT, ReleaseStatus.FAILED] if correction is None else [ReleaseStatus.PROMOTED],
         to_status=ReleaseStatus.ROLLED_BACK,
         stamp="rolled_back_at",
+        fields={"error_code": "", "error_message": ""} if correction is not None else None,
         event="release.rollback",
+        payload={"reconciled": True} if correction is not None else None,
         effects=effects,
         actor=actor,
     )
