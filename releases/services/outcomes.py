@@ -13,6 +13,7 @@ import logging
 from releasemgr.core.errors import ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment
+from tenants.targets import open_environment
 
 from .. import engine
 from ..models import Release
@@ -67,9 +68,7 @@ def target_history_last(environment: Environment, release: Release) -> tuple[str
     """The release's last direction in the target's `_rm_history` and the target's native
     fingerprint; None when the target cannot be read (the reconciler decides later)."""
     try:
-        with engine.open_target(
-            environment.database_url, lock_timeout_ms=environment.apply_lock_timeout_ms
-        ) as target:
+        with open_environment(environment, lock_timeout_ms=environment.apply_lock_timeout_ms) as target:
             return last_direction(engine.history(target), release), engine.native_fingerprint(target)
     except (engine.EngineError, engine.TargetError) as exc:
         logger.warning("the target's history of %s cannot be read: %s", release.release_id, exc)
