@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 PYTEST_XDIST ?= -n 2 --dist loadfile
 # What `make lint` type-checks (config: [tool.mypy] in pyproject.toml). Only these files' errors are
 # reported (follow_imports = "silent"); releases/services/ joins the list once it type-checks clean.
-MYPY_TARGETS ?= releases/engine releases/selectors.py tools
+MYPY_TARGETS ?= releases/engine releases/selectors.py releases/services tools
 # e.g. BENCH_ARGS="--sizes 50,500 --repeat 3" (see benchmarks/README.md)
 BENCH_ARGS ?=
 

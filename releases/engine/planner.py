@@ -31,7 +31,7 @@ def _portable(column: dict) -> dict:
     return {key: value for key, value in column.items() if key != "name"}
 
 
-def _fail(code: str, path: str, message: str) -> PlanError:
+def _fail(code: ErrorCode, path: str, message: str) -> PlanError:
     return PlanError(code, message, {path: message})
 
 

@@ -66,7 +66,10 @@ def approval_record(
     if decision not in ApprovalDecision.values:
         raise ValidationFailed("decision must be approved or rejected.", details={"decision": decision})
     membership = membership_get(tenant=release.tenant, user=user)
-    if not (user.is_superuser or (membership is not None and membership.has_role(Role.APPROVER))):
+    if not (
+        getattr(user, "is_superuser", False)
+        or (membership is not None and membership.has_role(Role.APPROVER))
+    ):
         raise Forbidden("Only approvers and admins of this tenant can approve or reject releases.")
     locked = Release.objects.select_for_update().get(pk=release.pk)
     if locked.status != ReleaseStatus.PREPARED:
@@ -120,7 +123,7 @@ def approval_link_decide(
         )
         if not consumed:
             raise links.LinkError(
-                "used", "This approval link has already been used; each link decides once.", 410
+                ErrorCode.LINK_USED, "This approval link has already been used; each link decides once."
             )
         return approval_record(
             release=resolved.release,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib.auth.models import AbstractBaseUser
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 from releasemgr.context import client_address_var, request_id_var
 from tenants.models import Environment, Tenant
@@ -32,7 +35,7 @@ def audit_record(
         release=release,
         environment=environment,
         event=event,
-        actor=actor if actor is not None and actor.is_authenticated else None,
+        actor=cast("User | None", actor if actor is not None and actor.is_authenticated else None),
         actor_username=getattr(actor, "username", "") or "",
         payload=payload or {},
         client_address=client_address_var.get(),

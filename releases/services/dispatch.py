@@ -50,7 +50,7 @@ def in_process() -> bool:
     return bool(settings.CELERY_TASK_ALWAYS_EAGER)
 
 
-def dispatch(name: str, *args, on_unavailable: Callable[[Exception], None] | None = None) -> None:
+def dispatch(name: str, *args, on_unavailable: Callable[[Exception], object] | None = None) -> None:
     """Run the task now in-process, or queue it when the current transaction commits.
 
     When the broker cannot be reached, `on_unavailable(exc)` runs (after the commit, outside any

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import F
@@ -41,10 +44,12 @@ def pipeline_environments(*, tenant: Tenant, from_env: str, to_env: str) -> tupl
             errors[field] = f"One of {', '.join(Stage.values)}."
     if errors:
         raise ValidationFailed("Unknown environment.", details=errors)
-    if NEXT_STAGE.get(from_env) != to_env:
+    if NEXT_STAGE.get(Stage(from_env)) != to_env:
         raise ValidationFailed(
             f"A release goes one stage down the pipeline (dev->staging, staging->prod), not {from_env}->{to_env}.",
-            details={"to_env": f"From {from_env} the next stage is {NEXT_STAGE.get(from_env, 'none')}."},
+            details={
+                "to_env": f"From {from_env} the next stage is {NEXT_STAGE.get(Stage(from_env), 'none')}."
+            },
         )
     return environment_get(tenant=tenant, stage=from_env), environment_get(tenant=tenant, stage=to_env)
 
@@ -258,7 +263,7 @@ def release_save(
         fingerprint_before=plan.fingerprint_before,
         fingerprint_after=plan.fingerprint_after,
         native_fingerprint_before=plan.native_fingerprint_before,
-        created_by=user,
+        created_by=cast("User", user),
         created_at=now,
         status_changed_at=now,
         failed_at=now if failed else None,

@@ -174,6 +174,7 @@ def settle_promoted(
 
     fields: dict[str, Any] = {"error_code": "", "error_message": ""}
     if correction is None:
+        from_statuses: Iterable[str]
         from_statuses, stamp = IN_FLIGHT, "promoted_at"
         fields["native_fingerprint_after"] = native_after
     else:
