@@ -186,7 +186,7 @@ def test_link_post__used_twice__second_410_and_first_decision_stands(acme, mailo
     assert AuditEvent.objects.filter(release=release, event__startswith="release.re").count() == 0
 
 
-def test_link_decide__two_concurrent_uses__only_one_decides(acme, mailoutbox):
+def test_link_decide__two_concurrent_uses__only_one_decides(acme, mailoutbox, monkeypatch):
     release, paths = prepare(acme, mailoutbox)
     token = paths["alice"].rstrip("/").rsplit("/", 1)[1]
     # Both requests resolved the link before either consumed it (the race the UPDATE settles).
@@ -196,6 +196,9 @@ def test_link_decide__two_concurrent_uses__only_one_decides(acme, mailoutbox):
         used_at=timezone.now()
     )
     assert consumed == 0
+    # The second request's resolve happened before the first consumed the link: it reaches the
+    # conditional UPDATE, which refuses it as used.
+    monkeypatch.setattr(links, "approval_link_resolve", lambda **kwargs: resolved)
     with pytest.raises(links.LinkError) as refused:
         services.approval_link_decide(release_pk=release.pk, token=token, decision="rejected")
     assert refused.value.code == "used"

@@ -19,6 +19,7 @@ import math
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .errors import BundleError
@@ -173,8 +174,7 @@ def _int_in(value: Any, path: str, errors: _Collector, low: int, high: int) -> i
     return value
 
 
-# Being extended concurrently (literal range checks): split it by type once that has merged.
-def normalize_default(column: dict, value: Any) -> Any:  # noqa: C901
+def normalize_default(column: dict, value: Any) -> Any:
     """The canonical JSON form of a default for this column, or ValueError with the reason.
 
     `column` needs `type` and, where they apply, `max_length`, `precision`, `scale`.
@@ -183,99 +183,145 @@ def normalize_default(column: dict, value: Any) -> Any:  # noqa: C901
     if value is None:
         return None
     if isinstance(value, dict) and column_type != "json":
-        if set(value) != {"function"} or value.get("function") not in ("now", "uuid"):
-            raise ValueError('a function default must be {"function": "now"} or {"function": "uuid"}')
-        function = value["function"]
-        if function == "now" and column_type != "datetime":
-            raise ValueError('{"function": "now"} is only allowed on datetime columns')
-        if function == "uuid" and column_type != "uuid":
-            raise ValueError('{"function": "uuid"} is only allowed on uuid columns')
-        return {"function": function}
-    if column_type in ("string", "text"):
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string for a {column_type} column, got {_describe(value)}")
-        if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        max_length = column.get("max_length")
-        if column_type == "string" and isinstance(max_length, int) and len(value) > max_length:
-            raise ValueError(f"is longer than max_length {max_length}")
-        return value
-    if column_type in INTEGER_RANGES:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {_describe(value)}")
-        low, high = INTEGER_RANGES[column_type]
-        if not low <= value <= high:
-            raise ValueError(f"is out of range for {column_type}")
-        return value
-    if column_type == "boolean":
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {_describe(value)}")
-        return value
-    if column_type == "date":
-        if not isinstance(value, str):
-            raise ValueError("must be an ISO 8601 date string (YYYY-MM-DD)")
-        try:
-            return dt.date.fromisoformat(value).isoformat()
-        except ValueError:
-            raise ValueError("must be an ISO 8601 date string (YYYY-MM-DD)") from None
-    if column_type == "datetime":
-        if not isinstance(value, str):
-            raise ValueError("must be an ISO 8601 datetime string with an offset")
-        try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("must be an ISO 8601 datetime string with an offset") from None
-        if parsed.tzinfo is None:
-            raise ValueError("must carry a UTC offset (e.g. 2024-01-15T12:00:00+00:00)")
-        return utc_isoformat(parsed)
-    if column_type == "time":
-        if not isinstance(value, str):
-            raise ValueError("must be an ISO 8601 time string (HH:MM[:SS[.ffffff]])")
-        try:
-            parsed_time = dt.time.fromisoformat(value)
-        except ValueError:
-            raise ValueError("must be an ISO 8601 time string (HH:MM[:SS[.ffffff]])") from None
-        if parsed_time.tzinfo is not None:
-            raise ValueError("must not carry an offset (time columns have no time zone)")
-        return parsed_time.isoformat()
-    if column_type == "decimal":
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValueError('must be a decimal written as a string (e.g. "1.10"), not a float')
-        try:
-            number = decimal.Decimal(str(value).strip())
-        except (decimal.InvalidOperation, ValueError):  # ValueError: an int of over 4300 digits
-            raise ValueError("is not a decimal number") from None
-        if not number.is_finite():
-            raise ValueError("must be a finite decimal")
-        return format_decimal(number, column.get("precision"), column.get("scale"))
-    if column_type == "float":
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"must be a number, got {_describe(value)}")
-        return repr(float_literal(value))
-    if column_type == "uuid":
-        if not isinstance(value, str):
-            raise ValueError("must be a UUID string")
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError("is not a valid UUID") from None
-    if column_type == "json":
-        try:
-            canonical_json(value)
-        except (TypeError, ValueError, RecursionError):
-            raise ValueError(
-                "must be a JSON value without NaN or Infinity, nested at most a few hundred levels"
-            ) from None
-        return json.loads(canonical_json(value), parse_float=jsonb_number)
-    if column_type == "binary":
-        if not isinstance(value, str):
-            raise ValueError("must be base64 text")
-        try:
-            raw = base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError, ValueError):
-            raise ValueError("is not valid base64") from None
-        return base64.b64encode(raw).decode("ascii")
-    raise ValueError("cannot be checked: the column type is unknown")
+        return _function_default(column_type, value)
+    normalize = _DEFAULT_NORMALIZERS.get(column_type) if isinstance(column_type, str) else None
+    if normalize is None:
+        raise ValueError("cannot be checked: the column type is unknown")
+    return normalize(column, value)
+
+
+def _function_default(column_type: Any, value: dict) -> dict:
+    if set(value) != {"function"} or value.get("function") not in ("now", "uuid"):
+        raise ValueError('a function default must be {"function": "now"} or {"function": "uuid"}')
+    function = value["function"]
+    if function == "now" and column_type != "datetime":
+        raise ValueError('{"function": "now"} is only allowed on datetime columns')
+    if function == "uuid" and column_type != "uuid":
+        raise ValueError('{"function": "uuid"} is only allowed on uuid columns')
+    return {"function": function}
+
+
+def _text_default(column: dict, value: Any) -> str:
+    column_type = column["type"]
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string for a {column_type} column, got {_describe(value)}")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    max_length = column.get("max_length")
+    if column_type == "string" and isinstance(max_length, int) and len(value) > max_length:
+        raise ValueError(f"is longer than max_length {max_length}")
+    return value
+
+
+def _integer_default(column: dict, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {_describe(value)}")
+    low, high = INTEGER_RANGES[column["type"]]
+    if not low <= value <= high:
+        raise ValueError(f"is out of range for {column['type']}")
+    return value
+
+
+def _boolean_default(column: dict, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _date_default(column: dict, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date string (YYYY-MM-DD)")
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date string (YYYY-MM-DD)") from None
+
+
+def _datetime_default(column: dict, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 datetime string with an offset")
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 datetime string with an offset") from None
+    if parsed.tzinfo is None:
+        raise ValueError("must carry a UTC offset (e.g. 2024-01-15T12:00:00+00:00)")
+    return utc_isoformat(parsed)
+
+
+def _time_default(column: dict, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 time string (HH:MM[:SS[.ffffff]])")
+    try:
+        parsed_time = dt.time.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time string (HH:MM[:SS[.ffffff]])") from None
+    if parsed_time.tzinfo is not None:
+        raise ValueError("must not carry an offset (time columns have no time zone)")
+    return parsed_time.isoformat()
+
+
+def _decimal_default(column: dict, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError('must be a decimal written as a string (e.g. "1.10"), not a float')
+    try:
+        number = decimal.Decimal(str(value).strip())
+    except (decimal.InvalidOperation, ValueError):  # ValueError: an int of over 4300 digits
+        raise ValueError("is not a decimal number") from None
+    if not number.is_finite():
+        raise ValueError("must be a finite decimal")
+    return format_decimal(number, column.get("precision"), column.get("scale"))
+
+
+def _float_default(column: dict, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"must be a number, got {_describe(value)}")
+    return repr(float_literal(value))
+
+
+def _uuid_default(column: dict, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("is not a valid UUID") from None
+
+
+def _json_default(column: dict, value: Any) -> Any:
+    try:
+        canonical_json(value)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(
+            "must be a JSON value without NaN or Infinity, nested at most a few hundred levels"
+        ) from None
+    return json.loads(canonical_json(value), parse_float=jsonb_number)
+
+
+def _binary_default(column: dict, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be base64 text")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ValueError("is not valid base64") from None
+    return base64.b64encode(raw).decode("ascii")
+
+
+_DEFAULT_NORMALIZERS: dict[str, Callable[[dict, Any], Any]] = {
+    "string": _text_default,
+    "text": _text_default,
+    **{integer_type: _integer_default for integer_type in INTEGER_RANGES},
+    "boolean": _boolean_default,
+    "date": _date_default,
+    "datetime": _datetime_default,
+    "time": _time_default,
+    "decimal": _decimal_default,
+    "float": _float_default,
+    "uuid": _uuid_default,
+    "json": _json_default,
+    "binary": _binary_default,
+}
 
 
 # The range of a datetime default, in UTC: Python's datetime (PostgreSQL's timestamptz reaches further).
