@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from django.db import connection as control_connection
 
+from releasemgr.api import status_for
 from releasemgr.core.errors import ApplicationError
 from releases import services
 from releases.models import AuditEvent, Backup, Migration, Preservation, Release
@@ -307,7 +308,7 @@ def test_promote__ten_concurrent_requests_for_one_release__applied_exactly_once(
                 result = services.release_promote(release=mine, user=world.admin)
                 outcome = ("ok", result.status)
             except ApplicationError as exc:
-                outcome = ("refused", f"{exc.status_code}:{exc.code}")
+                outcome = ("refused", f"{status_for(exc.code)}:{exc.code}")
             except Exception as exc:  # anything else is a bug the assertion below shows
                 outcome = ("error", f"{type(exc).__name__}: {exc}")
             with lock:
