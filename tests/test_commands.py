@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from releases import engine
@@ -621,6 +622,35 @@ def test_release_reconcile__release_left_promoting_by_a_dead_worker__settled_fai
     assert release.error_code == "worker_lost" and release.failed_at is not None
     assert "new_feature" not in tables_of(urls["staging"])
     assert json.loads(run("release_reconcile")[0]) == []
+
+
+@pytest.mark.django_db
+def test_reconcile_all__one_unreadable_target__skipped_and_the_others_still_settled(
+    sqlite_database_factory, tmp_path
+):
+    from releases.services import reconcile_all
+
+    setup_tenant(sqlite_database_factory, "acme")
+    setup_tenant(sqlite_database_factory, "beta")
+    bundle = write_bundle(tmp_path, [CREATE_NEW_FEATURE])
+    acme_id = json.loads(run("release_prepare", "--tenant=acme", f"--bundle={bundle}")[0])["release_id"]
+    beta_id = json.loads(run("release_prepare", "--tenant=beta", f"--bundle={bundle}")[0])["release_id"]
+    # acme: a release recorded failed mid-apply (a suspect to re-check), on a target now unreachable.
+    acme = Release.objects.get(tenant__slug="acme", release_id=acme_id)
+    Release.objects.filter(pk=acme.pk).update(
+        status="failed", failed_at=timezone.now(), error_code="apply_failed"
+    )
+    staging = acme.to_environment
+    staging.database_url = "postgres://nobody@127.0.0.1:1/none"
+    staging.save()
+    # beta: a release left promoting by a dead worker.
+    Release.objects.filter(tenant__slug="beta", release_id=beta_id).update(status="promoting")
+
+    settled = reconcile_all()
+
+    assert [release.release_id for release in settled] == [beta_id]
+    assert Release.objects.get(tenant__slug="beta", release_id=beta_id).status == "failed"
+    assert Release.objects.get(pk=acme.pk).status == "failed"
 
 
 @pytest.mark.django_db

@@ -133,7 +133,9 @@ class RollbackView(ReleaseAPIView):
             202: OpenApiResponse(
                 envelope(RollbackManifestOutput), description="`rolling_back`: a worker runs it."
             ),
-            **error_responses(404, 409, 503),
+            # A refused rollback answers with its code's status: 409 (drift, blocked, busy, refused
+            # target), 422 (the rollback ran and failed, target unchanged), 503 (lock, unreachable).
+            **error_responses(404, 409, 422, 503),
         },
     )
     @idempotent

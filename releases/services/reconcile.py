@@ -15,6 +15,7 @@ environment and the target's release lock is free, so a running promotion is nev
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db.models import Q
@@ -37,6 +38,8 @@ from .transitions import (
     settle_rolled_back,
 )
 
+logger = logging.getLogger("releases.services")  # one logger name for operators
+
 # A failed release with one of these codes never reached COMMIT on its target (failed at prepare,
 # drift found before any statement, rolled back by the post-validation, no backup, lock held by
 # another session): its history is not read again.
@@ -46,6 +49,17 @@ FAILED_BEFORE_COMMIT = (
     ErrorCode.POST_VALIDATION_FAILED,
     ErrorCode.BACKUP_FAILED,
     ErrorCode.ENVIRONMENT_BUSY,
+    ErrorCode.TARGET_REFUSED,
+)
+# A promoted release whose rollback was refused with one of these codes: the rollback never started
+# (or was rolled back whole), so the target's history is not read again.
+ROLLBACK_REFUSED_BEFORE_COMMIT = (
+    ErrorCode.SCHEMA_DRIFT,
+    ErrorCode.ROLLBACK_BLOCKED,
+    ErrorCode.POST_VALIDATION_FAILED,
+    ErrorCode.ENVIRONMENT_BUSY,
+    ErrorCode.TARGET_REFUSED,
+    ErrorCode.BROKER_UNAVAILABLE,
 )
 
 
@@ -53,7 +67,11 @@ def _suspects() -> Q:
     """Settled releases the control database may have recorded wrongly: failed during a promotion
     that may have committed, or promoted with a refused rollback that may have committed."""
     failed = Q(status=ReleaseStatus.FAILED, failed_at__isnull=False) & ~Q(error_code__in=FAILED_BEFORE_COMMIT)
-    promoted = Q(status=ReleaseStatus.PROMOTED) & ~Q(error_code="")
+    promoted = (
+        Q(status=ReleaseStatus.PROMOTED)
+        & ~Q(error_code="")
+        & ~Q(error_code__in=ROLLBACK_REFUSED_BEFORE_COMMIT)
+    )
     return failed | promoted
 
 
@@ -72,15 +90,27 @@ def release_reconcile(*, environment: Environment) -> list[Release]:
     )
     if not (stuck or suspects) or lease_is_live(environment, at=now):
         return []
-    with open_environment(environment) as target:
-        with engine.target_lock(target, target_lock_key(environment)) as locked:
-            if not locked:
-                return []
-            history = engine.history(target)
-            native = engine.native_fingerprint(target)
-            for release in stuck:
-                _settle_from_history(release, last_direction(history, release), native)
-            corrected = _correct_from_history(environment, target, suspects, history, native)
+    try:
+        with open_environment(environment) as target:
+            with engine.target_lock(target, target_lock_key(environment)) as locked:
+                if not locked:
+                    return []
+                history = engine.history(target)
+                native = engine.native_fingerprint(target)
+                for release in stuck:
+                    _settle_from_history(release, last_direction(history, release), native)
+                corrected = _correct_from_history(environment, target, suspects, history, native)
+    except engine.TargetError as exc:
+        if stuck:
+            raise  # a release in flight cannot be settled without its target: say why
+        # Only settled releases to re-check: they wait for the next pass; the caller goes on.
+        logger.warning(
+            "reconcile of %s skipped: its target cannot be read (%s)",
+            environment,
+            exc.code,
+            extra={"error_code": exc.code},
+        )
+        return []
     lease_clear_expired(environment, before=now)
     return stuck + corrected
 
@@ -161,7 +191,12 @@ def reconcile_all() -> list[Release]:
         .distinct()
     )
     for environment in Environment.objects.filter(pk__in=list(ids)).select_related("tenant"):
-        settled.extend(release_reconcile(environment=environment))
+        try:
+            settled.extend(release_reconcile(environment=environment))
+        except engine.TargetError as exc:  # one unreadable target must not stop the others
+            logger.warning(
+                "reconcile of %s failed: %s", environment, exc.code, extra={"error_code": exc.code}
+            )
     return settled
 
 

@@ -55,7 +55,7 @@ class Command(ServiceCommand):
                 raise ApplicationError(
                     f"Stopped at {stopped['release_id']} ({stopped['status']}): "
                     f"{stopped['error_message'] or 'not rolled back'}",
-                    code=stopped["error_code"] or "rollback_failed",
+                    code=ErrorCode.of(stopped["error_code"], ErrorCode.TIMEOUT),
                 )
             return
         release = selectors.release_get(tenant=tenant, release_id=options["release"])
@@ -70,5 +70,5 @@ class Command(ServiceCommand):
             return
         raise ApplicationError(
             manifest["error_message"] or f"{release.release_id} is {manifest['status']}, not rolled back.",
-            code=manifest["error_code"] or "rollback_failed",
+            code=ErrorCode.of(manifest["error_code"], ErrorCode.TIMEOUT),
         )
