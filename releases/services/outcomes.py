@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 
 from releasemgr.core.errors import ErrorCode
 from releasemgr.core.scrub import scrub
 from tenants.models import Environment
 from tenants.targets import open_environment
 
-from .. import engine
+from .. import engine, metrics
 from ..models import Release
 from ..recorded import last_direction
 from .control_db import CONTROL_DB_ERRORS, control_db_retry
-from .leases import lease_release
+from .leases import lease_acquire_for_task, lease_release
+from .side_effects import metric_labels
+from .transitions import actor_of, release_for_task
 
 logger = logging.getLogger("releases.services")  # one logger name for operators, as before the split
 
@@ -81,3 +85,38 @@ def lease_release_after(environment: Environment, owner: str) -> None:
         control_db_retry(lambda: lease_release(environment, owner), what="releasing the lease")
     except CONTROL_DB_ERRORS as exc:
         logger.warning("the environment lease could not be released (%s); it expires", type(exc).__name__)
+
+
+def run_then_settle(
+    release_pk: int,
+    owner: str,
+    actor_pk: int | None,
+    *,
+    in_flight: str,
+    phase: str,
+    on_target: Callable[[Release, Environment, str], TargetOutcome],
+    settle: Callable[..., None],
+) -> None:
+    """A promote or rollback task: under the environment's lease, do the work on the target, then
+    record it (`settle`, run again by `control_db_retry` after a lost control-database connection).
+    Does nothing for a release no longer `in_flight`, or when another process holds a live lease."""
+    release = release_for_task(release_pk)
+    if release is None or release.status != in_flight:
+        return
+    environment = release.to_environment
+    actor = actor_of(actor_pk)
+    if not lease_acquire_for_task(environment, release, owner):
+        return  # another process holds a live lease on this environment; it owns the outcome
+    try:
+        started = time.monotonic()
+        outcome = on_target(release, environment, owner)
+        if outcome.result is not None:
+            # Observed before the release is seen as settled: whoever waits for that status (a
+            # `wait_seconds` client, a scrape right after) finds the duration recorded.
+            metrics.observe(phase, time.monotonic() - started, **metric_labels(release))
+        control_db_retry(
+            lambda: settle(release, environment, outcome, actor=actor),
+            what=f"settling the {phase} of {release.release_id}",
+        )
+    finally:
+        lease_release_after(environment, owner)

@@ -7,7 +7,6 @@ statements in one transaction, and settles the release from what the target reco
 from __future__ import annotations
 
 import logging
-import time
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -17,19 +16,18 @@ from releasemgr.core.errors import Conflict, ErrorCode
 from tenants.models import Environment, Stage
 from tenants.targets import open_environment
 
-from .. import engine, metrics
+from .. import engine
 from ..models import Backup, Release, ReleaseStatus
 from ..recorded import approved_changes, history_has, release_apply_recorded
 from .approvals import promotion_check
 from .control_db import control_db_retry
 from .dispatch import PROMOTE, BrokerUnavailable, dispatch
-from .leases import lease_acquire_for_task, target_session
-from .outcomes import TargetOutcome, lease_release_after, outcome_of_failure, target_history_last
+from .leases import target_session
+from .outcomes import TargetOutcome, outcome_of_failure, run_then_settle, target_history_last
 from .reconcile import release_reconcile
-from .side_effects import metric_labels, notify
+from .side_effects import notify
 from .targets import prod_gate_check, target_verify
 from .transitions import (
-    actor_of,
     begin,
     begin_undo,
     release_for_task,
@@ -103,26 +101,15 @@ def promote_execute(*, release_pk: int, owner: str, actor_pk: int | None = None)
     is read back from the target's history. Should the control database stay away, the release
     stays `promoting` and the reconciler settles it from the target's history.
     """
-    release = release_for_task(release_pk)
-    if release is None or release.status != ReleaseStatus.PROMOTING:
-        return
-    environment = release.to_environment
-    actor = actor_of(actor_pk)
-    if not lease_acquire_for_task(environment, release, owner):
-        return  # another process holds a live lease on this environment; it owns the outcome
-    try:
-        started = time.monotonic()
-        outcome = promote_on_target(release, environment, owner)
-        if outcome.result is not None:
-            # Observed before the release is seen as promoted: whoever waits for that status (a
-            # `wait_seconds` client, a scrape right after) finds the duration recorded.
-            metrics.observe("promote", time.monotonic() - started, **metric_labels(release))
-        control_db_retry(
-            lambda: promote_settle(release, environment, outcome, actor=actor),
-            what=f"settling the promotion of {release.release_id}",
-        )
-    finally:
-        lease_release_after(environment, owner)
+    run_then_settle(
+        release_pk,
+        owner,
+        actor_pk,
+        in_flight=ReleaseStatus.PROMOTING,
+        phase="promote",
+        on_target=promote_on_target,
+        settle=promote_settle,
+    )
 
 
 def promote_on_target(release: Release, environment: Environment, owner: str) -> TargetOutcome:

@@ -7,7 +7,6 @@ target must be at the release's pre-state.
 from __future__ import annotations
 
 import logging
-import time
 
 from django.contrib.auth.models import AbstractBaseUser
 
@@ -15,21 +14,17 @@ from releasemgr.core.errors import Conflict, ErrorCode
 from tenants.models import Environment, Tenant
 from tenants.targets import open_environment
 
-from .. import engine, metrics
+from .. import engine
 from ..models import Release, ReleaseStatus
 from ..recorded import approved_changes, history_has
 from ..selectors import live_release
-from .control_db import control_db_retry
 from .dispatch import ROLLBACK, BrokerUnavailable, dispatch
-from .leases import lease_acquire_for_task, target_session
-from .outcomes import TargetOutcome, lease_release_after, outcome_of_failure, target_history_last
+from .leases import target_session
+from .outcomes import TargetOutcome, outcome_of_failure, run_then_settle, target_history_last
 from .reconcile import rebase_live_release, release_reconcile
-from .side_effects import metric_labels
 from .transitions import (
-    actor_of,
     begin,
     begin_undo,
-    release_for_task,
     settle_rollback_refused,
     settle_rolled_back,
     wait_for,
@@ -103,24 +98,15 @@ def rollback_execute(*, release_pk: int, owner: str, actor_pk: int | None = None
     meanwhile (`control_db_retry` reconnects), and an outcome this process could not observe is
     read back from the target's history.
     """
-    release = release_for_task(release_pk)
-    if release is None or release.status != ReleaseStatus.ROLLING_BACK:
-        return
-    environment = release.to_environment
-    actor = actor_of(actor_pk)
-    if not lease_acquire_for_task(environment, release, owner):
-        return
-    try:
-        started = time.monotonic()
-        outcome = rollback_on_target(release, environment, owner)
-        if outcome.result is not None:
-            metrics.observe("rollback", time.monotonic() - started, **metric_labels(release))
-        control_db_retry(
-            lambda: rollback_settle(release, environment, outcome, actor=actor),
-            what=f"settling the rollback of {release.release_id}",
-        )
-    finally:
-        lease_release_after(environment, owner)
+    run_then_settle(
+        release_pk,
+        owner,
+        actor_pk,
+        in_flight=ReleaseStatus.ROLLING_BACK,
+        phase="rollback",
+        on_target=rollback_on_target,
+        settle=rollback_settle,
+    )
 
 
 def rollback_on_target(release: Release, environment: Environment, owner: str) -> TargetOutcome:
