@@ -21,15 +21,14 @@ from ..models import Backup, Release, ReleaseStatus
 from ..recorded import approved_changes, history_has, release_apply_recorded
 from .approvals import promotion_check
 from .control_db import control_db_retry
-from .dispatch import PROMOTE, BrokerUnavailable, dispatch
+from .dispatch import PROMOTE
 from .leases import target_session
 from .outcomes import TargetOutcome, outcome_of_failure, run_then_settle, target_history_last
 from .reconcile import release_reconcile
 from .side_effects import notify
 from .targets import prod_gate_check, target_verify
 from .transitions import (
-    begin,
-    begin_undo,
+    begin_and_dispatch,
     release_for_task,
     settle_failed,
     settle_promote_busy,
@@ -61,24 +60,15 @@ def release_promote(
 
     # Approvals and lint once more, under the release row's lock that moves it to `promoting`:
     # a reject committed since the check above refuses this promotion (409 approvals_missing).
-    owner = begin(
-        release, status_from=ReleaseStatus.PREPARED, status_to=ReleaseStatus.PROMOTING, check=promotion_check
-    )
-    actor_pk = user.pk if user is not None else None
-    dispatch(
-        PROMOTE,
-        release.pk,
-        owner,
-        actor_pk,
-        on_unavailable=lambda exc: begin_undo(
-            release,
-            owner,
-            status_from=ReleaseStatus.PROMOTING,
-            status_to=ReleaseStatus.PREPARED,
-            code=BrokerUnavailable.code,
-            message=f"The broker could not be reached ({type(exc).__name__}); the promotion was not started.",
-            phase="promote",
-        ),
+    begin_and_dispatch(
+        release,
+        task=PROMOTE,
+        status_from=ReleaseStatus.PREPARED,
+        status_to=ReleaseStatus.PROMOTING,
+        user=user,
+        phase="promote",
+        work="promotion",
+        check=promotion_check,
     )
     release = wait_for(release, statuses=[ReleaseStatus.PROMOTING], wait_seconds=wait_seconds)
     # The worker found the environment busy (another session holds the target lock): the same 409

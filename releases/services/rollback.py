@@ -18,13 +18,12 @@ from .. import engine
 from ..models import Release, ReleaseStatus
 from ..recorded import approved_changes, history_has
 from ..selectors import live_release
-from .dispatch import ROLLBACK, BrokerUnavailable, dispatch
+from .dispatch import ROLLBACK
 from .leases import target_session
 from .outcomes import TargetOutcome, outcome_of_failure, run_then_settle, target_history_last
 from .reconcile import rebase_live_release, release_reconcile
 from .transitions import (
-    begin,
-    begin_undo,
+    begin_and_dispatch,
     settle_rollback_refused,
     settle_rolled_back,
     wait_for,
@@ -61,22 +60,14 @@ def release_rollback(
         )
     release_reconcile(environment=release.to_environment)
 
-    owner = begin(release, status_from=ReleaseStatus.PROMOTED, status_to=ReleaseStatus.ROLLING_BACK)
-    actor_pk = user.pk if user is not None else None
-    dispatch(
-        ROLLBACK,
-        release.pk,
-        owner,
-        actor_pk,
-        on_unavailable=lambda exc: begin_undo(
-            release,
-            owner,
-            status_from=ReleaseStatus.ROLLING_BACK,
-            status_to=ReleaseStatus.PROMOTED,
-            code=BrokerUnavailable.code,
-            message=f"The broker could not be reached ({type(exc).__name__}); the rollback was not started.",
-            phase="rollback",
-        ),
+    begin_and_dispatch(
+        release,
+        task=ROLLBACK,
+        status_from=ReleaseStatus.PROMOTED,
+        status_to=ReleaseStatus.ROLLING_BACK,
+        user=user,
+        phase="rollback",
+        work="rollback",
     )
     release = wait_for(release, statuses=[ReleaseStatus.ROLLING_BACK], wait_seconds=wait_seconds)
     # The rollback was refused (drift, blocked, locked): its code, whether the task ran in this process

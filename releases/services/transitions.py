@@ -25,6 +25,7 @@ from tenants.models import Environment
 
 from ..models import Preservation, Release, ReleaseStatus
 from .audit import audit_record
+from .dispatch import BrokerUnavailable, dispatch
 from .flags import flags_apply, flags_restore
 from .leases import lease_acquire, lease_owner, lease_release
 from .side_effects import enqueue_post_deployment, log_extra, notify
@@ -72,6 +73,38 @@ def begin(
         if not moved:
             raise Conflict(f"Release {release.release_id} is no longer {status_from}.")
     return owner
+
+
+def begin_and_dispatch(
+    release: Release,
+    *,
+    task: str,
+    status_from: str,
+    status_to: str,
+    user: AbstractBaseUser | None,
+    phase: str,
+    work: str,
+    check: Callable[[Release], None] | None = None,
+) -> None:
+    """`begin`, then queue `task` (or run it in-process). A broker that cannot be reached undoes the
+    begin (status back, lease freed, logged) and raises BrokerUnavailable: nothing was started."""
+    owner = begin(release, status_from=status_from, status_to=status_to, check=check)
+    actor_pk = user.pk if user is not None else None
+    dispatch(
+        task,
+        release.pk,
+        owner,
+        actor_pk,
+        on_unavailable=lambda exc: begin_undo(
+            release,
+            owner,
+            status_from=status_to,
+            status_to=status_from,
+            code=BrokerUnavailable.code,
+            message=f"The broker could not be reached ({type(exc).__name__}); the {work} was not started.",
+            phase=phase,
+        ),
+    )
 
 
 def begin_undo(
