@@ -18,7 +18,8 @@ PG_CONTROL_TESTS ?= tests/test_api_releases.py tests/test_commands.py tests/test
 	tests/test_approvals_links.py tests/test_hardening_idempotency.py tests/test_safety_promote.py \
 	tests/test_worker_tasks.py tests/test_worker_live.py tests/test_audit.py tests/test_health.py \
 	tests/test_metrics.py tests/test_hardening_load.py tests/test_security_targets.py \
-	tests/test_approvals_race.py tests/test_control_db_loss.py
+	tests/test_approvals_race.py tests/test_control_db_loss.py tests/test_security_target_identity.py \
+	tests/test_hardening_guessing.py
 PYTEST_ARGS ?=
 # The first pass runs on two pytest-xdist workers, a test file each at a time (tests share no
 # fixed database names, broker keys or ports); PYTEST_XDIST= runs it in one process.
